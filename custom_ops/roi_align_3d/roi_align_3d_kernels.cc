@@ -214,6 +214,22 @@ inline void StoreV(T* p, VecT<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Calls fn(voxel, w) for every tap of bin `t` whose z-index lies in [z0, z1): `voxel` points at
+// the tap's voxel (z, y, x) of `map` ([D, H, W, C], or a channel offset into it), w = zw * yw * xw
+// is its weight. P is T or const T.
+template <typename T, typename P, typename Fn>
+inline void ForEachTap(const BinTaps<T>& t, int z0, int z1, int64_t H, int64_t W, int64_t C,
+                       P* map, Fn fn) {
+  for (int a = 0; a < t.nz; ++a) {
+    if (t.zi[a] < z0 || t.zi[a] >= z1) continue;
+    for (int b = 0; b < t.ny; ++b) {
+      const T wzy = t.zw[a] * t.yw[b];
+      P* row = map + (t.zi[a] * H + t.yi[b]) * W * C;
+      for (int c = 0; c < t.nx; ++c) fn(row + t.xi[c] * C, wzy * t.xw[c]);
+    }
+  }
+}
+
 // One bin of the forward for the full chunk of channels [c0, c0 + kChunk): the accumulators
 // are vector registers, so each tap costs one load and one FMA per vector. Even and odd y-taps
 // go to two accumulator sets, which doubles the independent FMA chains (8 for a 32-channel
@@ -258,25 +274,18 @@ inline void ForwardBinFull(T* __restrict__ dst, const T* fmap, const BinTaps<T>&
   for (int v = 0; v < kV; ++v) StoreV(dst + c0 + v * kL, acc0[v] + acc1[v]);
 }
 
-// The forward for a partial chunk of `width` < kChunk channels from c0 (C not a multiple of
-// kChunk; scalar code, off the detector's hot path).
+// The forward for a partial chunk of `width` < kChunk channels from c0 of a map of `depth`
+// z-slices (C not a multiple of kChunk; scalar code, off the detector's hot path).
 template <typename T>
-inline void ForwardBinTail(T* __restrict__ dst, const T* fmap, const BinTaps<T>& t, int64_t H,
-                           int64_t W, int64_t C, int64_t c0, int64_t width, T inv_count) {
+inline void ForwardBinTail(T* __restrict__ dst, const T* fmap, const BinTaps<T>& t, int depth,
+                           int64_t H, int64_t W, int64_t C, int64_t c0, int64_t width,
+                           T inv_count) {
   T acc[kChunk<T>];
   for (int64_t k = 0; k < width; ++k) acc[k] = T(0);
-  for (int a = 0; a < t.nz; ++a) {
-    for (int b = 0; b < t.ny; ++b) {
-      const T wzy = t.zw[a] * t.yw[b] * inv_count;
-      const T* row = fmap + (t.zi[a] * H + t.yi[b]) * W * C + c0;
-      for (int c = 0; c < t.nx; ++c) {
-        const T w = wzy * t.xw[c];
-        const T* __restrict__ src = row + t.xi[c] * C;
-        for (int64_t k = 0; k < width; ++k) acc[k] += w * src[k];
-      }
-    }
-  }
-  for (int64_t k = 0; k < width; ++k) dst[c0 + k] = acc[k];
+  ForEachTap(t, 0, depth, H, W, C, fmap + c0, [&](const T* __restrict__ src, T w) {
+    for (int64_t k = 0; k < width; ++k) acc[k] += w * src[k];
+  });
+  for (int64_t k = 0; k < width; ++k) dst[c0 + k] = acc[k] * inv_count;
 }
 
 // One bin of the backward for the full chunk of channels [c0, c0 + kChunk) and the z-slices
@@ -289,18 +298,9 @@ inline void BackwardBinFull(T* gmap, const T* g, const BinTaps<T>& t, int z0, in
   constexpr int kL = static_cast<int>(sizeof(V) / sizeof(T));
   V gv[kV];
   for (int v = 0; v < kV; ++v) gv[v] = LoadV(g + c0 + v * kL) * inv_count;
-  for (int a = 0; a < t.nz; ++a) {
-    if (t.zi[a] < z0 || t.zi[a] >= z1) continue;
-    for (int b = 0; b < t.ny; ++b) {
-      const T wzy = t.zw[a] * t.yw[b];
-      T* row = gmap + (t.zi[a] * H + t.yi[b]) * W * C + c0;
-      for (int c = 0; c < t.nx; ++c) {
-        const T w = wzy * t.xw[c];
-        T* dst = row + t.xi[c] * C;
-        for (int v = 0; v < kV; ++v) StoreV(dst + v * kL, LoadV(dst + v * kL) + w * gv[v]);
-      }
-    }
-  }
+  ForEachTap(t, z0, z1, H, W, C, gmap + c0, [&](T* dst, T w) {
+    for (int v = 0; v < kV; ++v) StoreV(dst + v * kL, LoadV(dst + v * kL) + w * gv[v]);
+  });
 }
 
 // The backward for a partial chunk of `width` < kChunk channels from c0 (scalar code).
@@ -309,18 +309,9 @@ inline void BackwardBinTail(T* gmap, const T* g, const BinTaps<T>& t, int z0, in
                             int64_t W, int64_t C, int64_t c0, int64_t width, T inv_count) {
   T gv[kChunk<T>];
   for (int64_t k = 0; k < width; ++k) gv[k] = g[c0 + k] * inv_count;
-  for (int a = 0; a < t.nz; ++a) {
-    if (t.zi[a] < z0 || t.zi[a] >= z1) continue;
-    for (int b = 0; b < t.ny; ++b) {
-      const T wzy = t.zw[a] * t.yw[b];
-      T* row = gmap + (t.zi[a] * H + t.yi[b]) * W * C + c0;
-      for (int c = 0; c < t.nx; ++c) {
-        const T w = wzy * t.xw[c];
-        T* __restrict__ dst = row + t.xi[c] * C;
-        for (int64_t k = 0; k < width; ++k) dst[k] += w * gv[k];
-      }
-    }
-  }
+  ForEachTap(t, z0, z1, H, W, C, gmap + c0, [&](T* __restrict__ dst, T w) {
+    for (int64_t k = 0; k < width; ++k) dst[k] += w * gv[k];
+  });
 }
 
 // Work below this estimated single-thread time runs inline on the calling thread: waking a pool
@@ -397,55 +388,80 @@ double TapCostNs(int64_t channels) {
   return 1.0 + static_cast<double>(channels) * sizeof(T) / 64.0;  // ~1 ns per 64 bytes.
 }
 
+// Sizes of one call as the CPU loops use them.
 template <typename T>
-void ForwardCpu(OpKernelContext* ctx, const roi_align_3d::Params& p, const T* features,
-                const T* boxes, const int32* box_indices, T* output) {
-  const int o = p.output_size;
-  const int64_t o3 = static_cast<int64_t>(o) * o * o;
-  const int64_t C = p.channels;
-  const int64_t H = p.height, W = p.width;
-  const int64_t map_stride = static_cast<int64_t>(p.depth) * H * W * C;
-  const T sr = static_cast<T>(p.sampling_ratio);
-  const T inv_count = T(1) / (sr * sr * sr);
-  constexpr int64_t K = kChunk<T>;
-  // Units are RoIs: the taps are computed once per RoI and serve its o^3 bins.
-  auto work = [&](int64_t begin, int64_t end) {
-    TapTable<T> taps(o, p.sampling_ratio, 1);
-    for (int64_t r = begin; r < end; ++r) {
-      T* out = output + r * o3 * C;
-      if (!taps.Fill(0, boxes + 6 * r, p)) {
-        std::fill(out, out + o3 * C, T(0));
-        continue;
-      }
-      const T* fmap = features + box_indices[r] * map_stride;
-      for (int pz = 0, bin = 0; pz < o; ++pz) {
-        for (int py = 0; py < o; ++py) {
-          for (int px = 0; px < o; ++px, ++bin) {
-            const BinTaps<T> t(taps, 0, pz, py, px);
-            T* dst = out + bin * C;
-            int64_t c0 = 0;
-            for (; c0 + K <= C; c0 += K) ForwardBinFull<T>(dst, fmap, t, H, W, C, c0, inv_count);
-            if (c0 < C) ForwardBinTail<T>(dst, fmap, t, H, W, C, c0, C - c0, inv_count);
-          }
+struct Sizes {
+  explicit Sizes(const roi_align_3d::Params& p)
+      : o(p.output_size),
+        o3(static_cast<int64_t>(o) * o * o),
+        C(p.channels),
+        H(p.height),
+        W(p.width),
+        slice(H * W * C),
+        map_stride(p.depth * slice),
+        inv_count(T(1) / roi_align_3d::samples_per_bin<T>(p.sampling_ratio)) {}
+  int o;
+  int64_t o3;  // Bins per RoI.
+  int64_t C, H, W;
+  int64_t slice;       // Elements of one z-slice of one batch item.
+  int64_t map_stride;  // Elements of one batch item.
+  T inv_count;         // 1 / samples per bin.
+};
+
+// Calls fn(t, offset, c0, width) for every bin of the RoI in `slot` of `taps`, in the order of
+// its pooled block [o, o, o, C] (offset = bin * C is the bin's first element there), and every
+// chunk [c0, c0 + width) of its channels: whole kChunk chunks, then a narrower last one when C
+// is not a multiple of kChunk.
+template <typename T, typename Fn>
+inline void ForEachBinChunk(const TapTable<T>& taps, int64_t slot, int o, int64_t C, Fn fn) {
+  for (int pz = 0, bin = 0; pz < o; ++pz) {
+    for (int py = 0; py < o; ++py) {
+      for (int px = 0; px < o; ++px, ++bin) {
+        const BinTaps<T> t(taps, slot, pz, py, px);
+        for (int64_t c0 = 0; c0 < C; c0 += kChunk<T>) {
+          fn(t, bin * C, c0, std::min(kChunk<T>, C - c0));
         }
       }
     }
+  }
+}
+
+template <typename T>
+void ForwardCpu(OpKernelContext* ctx, const roi_align_3d::Params& p, const T* features,
+                const T* boxes, const int32* box_indices, T* output) {
+  const Sizes<T> s(p);
+  // Units are RoIs: the taps are computed once per RoI and serve its o^3 bins.
+  auto work = [&](int64_t begin, int64_t end) {
+    TapTable<T> taps(s.o, p.sampling_ratio, 1);
+    for (int64_t r = begin; r < end; ++r) {
+      T* out = output + r * s.o3 * s.C;
+      if (!taps.Fill(0, boxes + 6 * r, p)) {
+        std::fill(out, out + s.o3 * s.C, T(0));
+        continue;
+      }
+      const T* fmap = features + box_indices[r] * s.map_stride;
+      ForEachBinChunk(taps, 0, s.o, s.C,
+                      [&](const BinTaps<T>& t, int64_t offset, int64_t c0, int64_t width) {
+                        T* dst = out + offset;
+                        if (width == kChunk<T>) {
+                          ForwardBinFull<T>(dst, fmap, t, s.H, s.W, s.C, c0, s.inv_count);
+                        } else {
+                          ForwardBinTail<T>(dst, fmap, t, p.depth, s.H, s.W, s.C, c0, width,
+                                            s.inv_count);
+                        }
+                      });
+    }
   };
   const double taps_per_bin = std::pow(p.sampling_ratio + 1.0, 3.0);
-  ParallelFor(ctx, p.num_rois, 100.0 + o3 * taps_per_bin * TapCostNs<T>(C), work);
+  ParallelFor(ctx, p.num_rois, 100.0 + s.o3 * taps_per_bin * TapCostNs<T>(s.C), work);
 }
 
 template <typename T>
 void BackwardCpu(OpKernelContext* ctx, const roi_align_3d::Params& p, const T* grads,
                  const T* boxes, const int32* box_indices, T* grad_features) {
-  const int o = p.output_size;
-  const int64_t o3 = static_cast<int64_t>(o) * o * o;
-  const int64_t C = p.channels;
-  const int64_t H = p.height, W = p.width;
-  const int64_t slice = H * W * C;  // Elements of one z-slice of one batch item.
-  const int64_t map_stride = static_cast<int64_t>(p.depth) * slice;
+  const Sizes<T> s(p);
   // Taps of every RoI, computed once, and the z-range [zlo, zhi] each RoI writes.
-  TapTable<T> taps(o, p.sampling_ratio, p.num_rois);
+  TapTable<T> taps(s.o, p.sampling_ratio, p.num_rois);
   std::vector<int> zlo(p.num_rois), zhi(p.num_rois);
   // RoIs grouped by batch item (stable counting sort), RoIs that read nothing left out.
   std::vector<int64_t> offsets(p.batch + 1, 0);
@@ -453,7 +469,7 @@ void BackwardCpu(OpKernelContext* ctx, const roi_align_3d::Params& p, const T* g
     zlo[r] = p.depth;
     zhi[r] = -1;
     if (!taps.Fill(r, boxes + 6 * r, p)) continue;
-    for (int q = 0; q < o; ++q) {
+    for (int q = 0; q < s.o; ++q) {
       const int* zi = taps.index(r, 0, q);
       for (int a = 0; a < taps.count(r, 0, q); ++a) {
         zlo[r] = std::min(zlo[r], zi[a]);
@@ -477,115 +493,106 @@ void BackwardCpu(OpKernelContext* ctx, const roi_align_3d::Params& p, const T* g
   // contributions in RoI order, as in a serial loop.
   constexpr int64_t kSlabBytes = 128 * 1024;
   const int64_t slab = std::max<int64_t>(
-      1, std::min<int64_t>(p.depth, kSlabBytes / std::max<int64_t>(1, slice * sizeof(T))));
+      1, std::min<int64_t>(p.depth, kSlabBytes / std::max<int64_t>(1, s.slice * sizeof(T))));
   const int64_t slabs_per_item = (p.depth + slab - 1) / slab;
-  const T sr = static_cast<T>(p.sampling_ratio);
-  const T inv_count = T(1) / (sr * sr * sr);
-  constexpr int64_t K = kChunk<T>;
   auto work = [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / slabs_per_item;
       const int z0 = static_cast<int>((u % slabs_per_item) * slab);
       const int z1 = static_cast<int>(std::min<int64_t>(p.depth, z0 + slab));
-      T* gmap = grad_features + b * map_stride;
-      std::memset(gmap + z0 * slice, 0, (z1 - z0) * slice * sizeof(T));
+      T* gmap = grad_features + b * s.map_stride;
+      std::memset(gmap + z0 * s.slice, 0, (z1 - z0) * s.slice * sizeof(T));
       for (int64_t k = offsets[b]; k < offsets[b + 1]; ++k) {
         const int64_t r = order[k];
         if (zhi[r] < z0 || zlo[r] >= z1) continue;
-        const T* g = grads + r * o3 * C;
-        for (int pz = 0, bin = 0; pz < o; ++pz) {
-          for (int py = 0; py < o; ++py) {
-            for (int px = 0; px < o; ++px, ++bin) {
-              const BinTaps<T> t(taps, r, pz, py, px);
-              const T* gb = g + bin * C;
-              int64_t c0 = 0;
-              for (; c0 + K <= C; c0 += K) {
-                BackwardBinFull<T>(gmap, gb, t, z0, z1, H, W, C, c0, inv_count);
-              }
-              if (c0 < C) {
-                BackwardBinTail<T>(gmap, gb, t, z0, z1, H, W, C, c0, C - c0, inv_count);
-              }
-            }
-          }
-        }
+        const T* g = grads + r * s.o3 * s.C;
+        ForEachBinChunk(taps, r, s.o, s.C,
+                        [&](const BinTaps<T>& t, int64_t offset, int64_t c0, int64_t width) {
+                          const T* gb = g + offset;
+                          if (width == kChunk<T>) {
+                            BackwardBinFull<T>(gmap, gb, t, z0, z1, s.H, s.W, s.C, c0,
+                                               s.inv_count);
+                          } else {
+                            BackwardBinTail<T>(gmap, gb, t, z0, z1, s.H, s.W, s.C, c0, width,
+                                               s.inv_count);
+                          }
+                        });
       }
     }
   };
   const int64_t units = p.batch * slabs_per_item;
-  const double taps_per_roi = o3 * std::pow(p.sampling_ratio + 1.0, 3.0);
-  const double zero_ns = static_cast<double>(slab * slice * sizeof(T)) / 16.0;  // ~16 B/ns.
+  const double taps_per_roi = s.o3 * std::pow(p.sampling_ratio + 1.0, 3.0);
+  const double zero_ns = static_cast<double>(slab * s.slice * sizeof(T)) / 16.0;  // ~16 B/ns.
   const double rois_per_unit =
       static_cast<double>(order.size()) / std::max<int64_t>(1, units) *
       std::min(2.0, static_cast<double>(slabs_per_item));  // RoIs straddle slabs.
   const double scatter_ns = rois_per_unit * taps_per_roi / std::max<int64_t>(1, slabs_per_item) *
-                            TapCostNs<T>(C);
+                            TapCostNs<T>(s.C);
   ParallelFor(ctx, units, zero_ns + scatter_ns + 50.0, work);
 }
 
 // Device dispatch: the CPU path above, or the CUDA launchers of roi_align_3d_kernels.cu.cc.
+// Forward and Backward take input 0 (features or grads), boxes, box_indices and output 0.
 template <typename Device, typename T>
 struct Impl;
 
 template <typename T>
 struct Impl<CPUDevice, T> {
-  static void Forward(OpKernelContext* ctx, const roi_align_3d::Params& p, const Tensor& features,
-                      const Tensor& boxes, const Tensor& box_indices, Tensor* output) {
-    ForwardCpu<T>(ctx, p, features.flat<T>().data(), boxes.flat<T>().data(),
-                  box_indices.flat<int32>().data(), output->flat<T>().data());
-  }
-  static void Backward(OpKernelContext* ctx, const roi_align_3d::Params& p, const Tensor& grads,
-                       const Tensor& boxes, const Tensor& box_indices, Tensor* grad_features) {
-    BackwardCpu<T>(ctx, p, grads.flat<T>().data(), boxes.flat<T>().data(),
-                   box_indices.flat<int32>().data(), grad_features->flat<T>().data());
-  }
+  static constexpr auto Forward = ForwardCpu<T>;
+  static constexpr auto Backward = BackwardCpu<T>;
 };
 
 #if GOOGLE_CUDA
+// Runs a CUDA launcher (both have this signature) with R int32 of device scratch for the
+// host-validated box indices.
+template <typename T, const char* (*Launch)(void*, const roi_align_3d::Params&, const T*,
+                                            const T*, const int32_t*, int32_t*, T*)>
+void RunGpu(OpKernelContext* ctx, const roi_align_3d::Params& p, const T* in, const T* boxes,
+            const int32* box_indices, T* out) {
+  Tensor scratch;
+  OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_INT32, TensorShape({p.num_rois}), &scratch));
+  const char* err = Launch(ctx->eigen_device<GPUDevice>().stream(), p, in, boxes, box_indices,
+                           scratch.flat<int32>().data(), out);
+  OP_REQUIRES(ctx, err == nullptr,
+              errors::Internal(ctx->op_kernel().type_string(), " CUDA launch failed: ", err));
+}
+
 template <typename T>
 struct Impl<GPUDevice, T> {
-  static void Forward(OpKernelContext* ctx, const roi_align_3d::Params& p, const Tensor& features,
-                      const Tensor& boxes, const Tensor& box_indices, Tensor* output) {
-    Tensor scratch;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_INT32, TensorShape({p.num_rois}), &scratch));
-    const char* err = roi_align_3d::LaunchForwardGpu<T>(
-        ctx->eigen_device<GPUDevice>().stream(), p, features.flat<T>().data(),
-        boxes.flat<T>().data(), box_indices.flat<int32>().data(), scratch.flat<int32>().data(),
-        output->flat<T>().data());
-    OP_REQUIRES(ctx, err == nullptr, errors::Internal("RoiAlign3D CUDA launch failed: ", err));
-  }
-  static void Backward(OpKernelContext* ctx, const roi_align_3d::Params& p, const Tensor& grads,
-                       const Tensor& boxes, const Tensor& box_indices, Tensor* grad_features) {
-    Tensor scratch;
-    OP_REQUIRES_OK(ctx, ctx->allocate_temp(DT_INT32, TensorShape({p.num_rois}), &scratch));
-    const char* err = roi_align_3d::LaunchBackwardGpu<T>(
-        ctx->eigen_device<GPUDevice>().stream(), p, grads.flat<T>().data(),
-        boxes.flat<T>().data(), box_indices.flat<int32>().data(), scratch.flat<int32>().data(),
-        grad_features->flat<T>().data());
-    OP_REQUIRES(ctx, err == nullptr,
-                errors::Internal("RoiAlign3DGrad CUDA launch failed: ", err));
-  }
+  static constexpr auto Forward = RunGpu<T, roi_align_3d::LaunchForwardGpu<T>>;
+  static constexpr auto Backward = RunGpu<T, roi_align_3d::LaunchBackwardGpu<T>>;
 };
 #endif  // GOOGLE_CUDA
 
-template <typename Device, typename T>
-class RoiAlign3DOp : public OpKernel {
+// What both ops share: the attributes, read once at construction, and the inputs boxes and
+// box_indices (1 and 2), validated against the features' shape.
+class RoiAlign3DBase : public OpKernel {
  public:
-  explicit RoiAlign3DOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+  explicit RoiAlign3DBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadAttrs(ctx, &attrs_));
   }
 
-  void Compute(OpKernelContext* ctx) override {
-    const Tensor& features = ctx->input(0);
-    const Tensor& boxes = ctx->input(1);
-    const Tensor& box_indices = ctx->input(2);
-    roi_align_3d::Params p;
-    OP_REQUIRES_OK(ctx, Validate(features.shape(), boxes, box_indices, attrs_, &p));
+ protected:
+  // Checks boxes and box_indices against `fshape`, fills `p` and returns the shape of the pooled
+  // tensor [R, o, o, o, C] (the forward's output, the gradient's `grads`).
+  absl::Status Prepare(OpKernelContext* ctx, const TensorShape& fshape, roi_align_3d::Params* p,
+                       TensorShape* pooled) const {
+    TF_RETURN_IF_ERROR(Validate(fshape, ctx->input(1), ctx->input(2), attrs_, p));
     const int64_t o = attrs_.output_size;
-    Tensor* output = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({p.num_rois, o, o, o, p.channels}),
-                                             &output));
-    if (output->NumElements() == 0) return;
-    Impl<Device, T>::Forward(ctx, p, features, boxes, box_indices, output);
+    *pooled = TensorShape({p->num_rois, o, o, o, p->channels});
+    return absl::OkStatus();
+  }
+
+  // Allocates output 0 of `shape` and, unless it is empty, fills it with `run` (Impl's Forward
+  // or Backward) from input 0.
+  template <typename T, typename Run>
+  static void RunInto(OpKernelContext* ctx, const roi_align_3d::Params& p,
+                      const TensorShape& shape, Run run) {
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, shape, &out));
+    if (out->NumElements() == 0) return;
+    run(ctx, p, ctx->input(0).flat<T>().data(), ctx->input(1).flat<T>().data(),
+        ctx->input(2).flat<int32>().data(), out->flat<T>().data());
   }
 
  private:
@@ -593,16 +600,25 @@ class RoiAlign3DOp : public OpKernel {
 };
 
 template <typename Device, typename T>
-class RoiAlign3DGradOp : public OpKernel {
+class RoiAlign3DOp : public RoiAlign3DBase {
  public:
-  explicit RoiAlign3DGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ReadAttrs(ctx, &attrs_));
+  using RoiAlign3DBase::RoiAlign3DBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    roi_align_3d::Params p;
+    TensorShape pooled;
+    OP_REQUIRES_OK(ctx, Prepare(ctx, ctx->input(0).shape(), &p, &pooled));
+    RunInto<T>(ctx, p, pooled, Impl<Device, T>::Forward);
   }
+};
+
+template <typename Device, typename T>
+class RoiAlign3DGradOp : public RoiAlign3DBase {
+ public:
+  using RoiAlign3DBase::RoiAlign3DBase;
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& grads = ctx->input(0);
-    const Tensor& boxes = ctx->input(1);
-    const Tensor& box_indices = ctx->input(2);
     const Tensor& shape_t = ctx->input(3);
     OP_REQUIRES(ctx, shape_t.dims() == 1 && shape_t.NumElements() == 5,
                 errors::InvalidArgument("RoiAlign3DGrad: `features_shape` must be [5], got ",
@@ -610,20 +626,13 @@ class RoiAlign3DGradOp : public OpKernel {
     TensorShape fshape;
     OP_REQUIRES_OK(ctx, TensorShapeUtils::MakeShape(shape_t.vec<int32>(), &fshape));
     roi_align_3d::Params p;
-    OP_REQUIRES_OK(ctx, Validate(fshape, boxes, box_indices, attrs_, &p));
-    const int64_t o = attrs_.output_size;
-    const TensorShape gshape({p.num_rois, o, o, o, p.channels});
+    TensorShape gshape;
+    OP_REQUIRES_OK(ctx, Prepare(ctx, fshape, &p, &gshape));
     OP_REQUIRES(ctx, grads.shape() == gshape,
                 errors::InvalidArgument("RoiAlign3DGrad: `grads` must be ", gshape.DebugString(),
                                         ", got ", grads.shape().DebugString()));
-    Tensor* grad_features = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, fshape, &grad_features));
-    if (grad_features->NumElements() == 0) return;
-    Impl<Device, T>::Backward(ctx, p, grads, boxes, box_indices, grad_features);
+    RunInto<T>(ctx, p, fshape, Impl<Device, T>::Backward);
   }
-
- private:
-  Attrs attrs_;
 };
 
 }  // namespace

@@ -1,7 +1,8 @@
 // CUDA kernels of RoiAlign3D / RoiAlign3DGrad: one thread per output element (RoI, bin,
-// channel). The arithmetic is roi_align_3d_math.h's, the same header the CPU kernels and the
-// standalone CuPy harness (tests/cuda_harness.py) use. Only CUDA runtime headers are included,
-// so this file also compiles where TensorFlow's GPU headers are missing (build.py compile-check).
+// channel). Their bodies are roi_align_3d_math.h's forward_elements / backward_elements, which
+// the standalone CuPy harness (tests/cuda_harness.py) runs too. Only CUDA runtime headers are
+// included, so this file also compiles where TensorFlow's GPU headers are missing (build.py
+// compile-check).
 #if GOOGLE_CUDA
 
 #include <cuda_runtime.h>
@@ -20,72 +21,19 @@ constexpr int kThreads = 256;
 // Grid-stride loops: a bounded grid is enough to fill any current GPU.
 constexpr long long kMaxBlocks = 1 << 16;
 
-__device__ __forceinline__ void AtomicAddT(float* dst, float v) { atomicAdd(dst, v); }
-
-__device__ __forceinline__ void AtomicAddT(double* dst, double v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
-  // No native double atomicAdd before sm_60: compare-and-swap loop.
-  auto* addr = reinterpret_cast<unsigned long long*>(dst);
-  unsigned long long old = *addr, assumed;
-  do {
-    assumed = old;
-    old = atomicCAS(addr, assumed,
-                    __double_as_longlong(v + __longlong_as_double(static_cast<long long>(assumed))));
-  } while (assumed != old);
-#else
-  atomicAdd(dst, v);
-#endif
-}
-
-struct AtomicAdder {
-  template <typename T>
-  __device__ __forceinline__ void operator()(T* dst, T v) const {
-    AtomicAddT(dst, v);
-  }
-};
-
 template <typename T>
 __global__ void ForwardKernel(Params p, const T* __restrict__ features, const T* __restrict__ boxes,
                               const int32_t* __restrict__ box_indices, T* __restrict__ output) {
-  const int o = p.output_size;
-  const long long o3 = static_cast<long long>(o) * o * o;
-  const long long C = p.channels;
-  const long long map_stride = static_cast<long long>(p.depth) * p.height * p.width * C;
-  const long long total = p.num_rois * o3 * C;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(blockDim.x) * gridDim.x) {
-    const long long c = i % C;
-    const long long u = i / C;
-    const int rem = static_cast<int>(u % o3);
-    const long long r = u / o3;
-    T start[3], bin[3];
-    roi_geometry(boxes + 6 * r, static_cast<T>(p.spatial_scale), p.aligned, o, start, bin);
-    const T* fmap = features + box_indices[r] * map_stride + c;
-    output[i] = bin_value(fmap, p.depth, p.height, p.width, C, start, bin, rem / (o * o),
-                          (rem / o) % o, rem % o, p.sampling_ratio);
-  }
+  forward_elements(features, boxes, box_indices, output, p.num_rois, p.depth, p.height, p.width,
+                   p.channels, p.output_size, p.sampling_ratio, p.spatial_scale, p.aligned);
 }
 
 template <typename T>
 __global__ void BackwardKernel(Params p, const T* __restrict__ grads, const T* __restrict__ boxes,
                                const int32_t* __restrict__ box_indices, T* grad_features) {
-  const int o = p.output_size;
-  const long long o3 = static_cast<long long>(o) * o * o;
-  const long long C = p.channels;
-  const long long map_stride = static_cast<long long>(p.depth) * p.height * p.width * C;
-  const long long total = p.num_rois * o3 * C;
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<long long>(blockDim.x) * gridDim.x) {
-    const long long c = i % C;
-    const long long u = i / C;
-    const int rem = static_cast<int>(u % o3);
-    const long long r = u / o3;
-    T start[3], bin[3];
-    roi_geometry(boxes + 6 * r, static_cast<T>(p.spatial_scale), p.aligned, o, start, bin);
-    T* gmap = grad_features + box_indices[r] * map_stride + c;
-    bin_scatter(gmap, p.depth, p.height, p.width, C, start, bin, rem / (o * o), (rem / o) % o,
-                rem % o, p.sampling_ratio, grads[i], AtomicAdder());
-  }
+  backward_elements(grads, boxes, box_indices, grad_features, p.num_rois, p.depth, p.height,
+                    p.width, p.channels, p.output_size, p.sampling_ratio, p.spatial_scale,
+                    p.aligned);
 }
 
 int NumBlocks(long long total) {

@@ -1,6 +1,7 @@
-// Per-sample arithmetic of 3D RoI Align, shared by the CPU kernels, the CUDA kernels and the
-// standalone CUDA harness (tests/cuda_harness.py compiles this header with NVRTC). No TensorFlow
-// includes on purpose: the harness must run on a machine with a GPU but without TensorFlow.
+// Per-sample arithmetic of 3D RoI Align and the bodies of its CUDA kernels, shared by the CPU
+// kernels, the CUDA kernels and the standalone CUDA harness (tests/cuda_harness.py compiles this
+// header with NVRTC). No TensorFlow includes on purpose: the harness must run on a machine with
+// a GPU but without TensorFlow.
 //
 // Convention (identical to tf_agg3d/ops/roi_align.py, the reference): features are
 // [B, D, H, W, C] channels-last; a box is (z1, y1, x1, z2, y2, x2) in continuous feature
@@ -112,15 +113,23 @@ RA3D_HD int bin_axis_taps(T start, T bin, int p, int sampling_ratio, int size, i
   return n;
 }
 
-// Value of one output element (one bin, one channel) by direct sampling: 8 corners per sample.
-// `fmap` points at channel c of batch item b; voxel (z, y, x) is at ((z * H + y) * W + x) * C.
-// This is the GPU formulation (one thread per output element, no scratch arrays).
+// Number of samples a bin averages, sampling_ratio^3, as T.
 template <typename T>
-RA3D_HD T bin_value(const T* fmap, int D, int H, int W, long long C, const T* start,
-                    const T* bin, int pz, int py, int px, int sampling_ratio) {
-  T acc = T(0);
+RA3D_HD T samples_per_bin(int sampling_ratio) {
+  const T s = static_cast<T>(sampling_ratio);
+  return s * s * s;
+}
+
+// Direct sampling of bin (pz, py, px), the GPU formulation (no scratch arrays): calls
+// fn(offset, w) for the 8 corners of each of its sampling_ratio^3 samples, w = wz * wy * wx being
+// the corner's trilinear weight and offset = ((z * H + y) * W + x) * C its voxel's distance from
+// channel c of the map. A corner of an out-of-range sample has w = 0 (and in-range indices).
+template <typename T, typename Fn>
+RA3D_HD void for_each_sample_corner(int D, int H, int W, long long C, const T* start, const T* bin,
+                                    int pz, int py, int px, int sampling_ratio, Fn fn) {
   for (int iz = 0; iz < sampling_ratio; ++iz) {
-    const AxisSample<T> sz = interpolate_axis(sample_coord(start[0], bin[0], pz, iz, sampling_ratio), D);
+    const AxisSample<T> sz =
+        interpolate_axis(sample_coord(start[0], bin[0], pz, iz, sampling_ratio), D);
     for (int iy = 0; iy < sampling_ratio; ++iy) {
       const AxisSample<T> sy =
           interpolate_axis(sample_coord(start[1], bin[1], py, iy, sampling_ratio), H);
@@ -136,15 +145,23 @@ RA3D_HD T bin_value(const T* fmap, int D, int H, int W, long long C, const T* st
         for (int a = 0; a < 2; ++a)
           for (int b = 0; b < 2; ++b)
             for (int c = 0; c < 2; ++c) {
-              const long long off = ((static_cast<long long>(zs[a]) * H + ys[b]) * W + xs[c]) * C;
-              acc += wz[a] * wy[b] * wx[c] * fmap[off];
+              fn(((static_cast<long long>(zs[a]) * H + ys[b]) * W + xs[c]) * C,
+                 wz[a] * wy[b] * wx[c]);
             }
       }
     }
   }
-  const T count = static_cast<T>(sampling_ratio) * static_cast<T>(sampling_ratio) *
-                  static_cast<T>(sampling_ratio);
-  return acc / count;
+}
+
+// Value of one output element (one bin, one channel). `fmap` points at channel c of batch item
+// b; voxel (z, y, x) is at ((z * H + y) * W + x) * C.
+template <typename T>
+RA3D_HD T bin_value(const T* fmap, int D, int H, int W, long long C, const T* start,
+                    const T* bin, int pz, int py, int px, int sampling_ratio) {
+  T acc = T(0);
+  for_each_sample_corner(D, H, W, C, start, bin, pz, py, px, sampling_ratio,
+                         [&](long long off, T w) { acc += w * fmap[off]; });
+  return acc / samples_per_bin<T>(sampling_ratio);
 }
 
 // Backward of bin_value: adds g * d(bin_value)/d(f) into `gmap` (channel c of batch item b)
@@ -152,35 +169,105 @@ RA3D_HD T bin_value(const T* fmap, int D, int H, int W, long long C, const T* st
 template <typename T, typename AddFn>
 RA3D_HD void bin_scatter(T* gmap, int D, int H, int W, long long C, const T* start, const T* bin,
                          int pz, int py, int px, int sampling_ratio, T g, AddFn add) {
-  const T count = static_cast<T>(sampling_ratio) * static_cast<T>(sampling_ratio) *
-                  static_cast<T>(sampling_ratio);
-  const T gs = g / count;
-  for (int iz = 0; iz < sampling_ratio; ++iz) {
-    const AxisSample<T> sz = interpolate_axis(sample_coord(start[0], bin[0], pz, iz, sampling_ratio), D);
-    for (int iy = 0; iy < sampling_ratio; ++iy) {
-      const AxisSample<T> sy =
-          interpolate_axis(sample_coord(start[1], bin[1], py, iy, sampling_ratio), H);
-      for (int ix = 0; ix < sampling_ratio; ++ix) {
-        const AxisSample<T> sx =
-            interpolate_axis(sample_coord(start[2], bin[2], px, ix, sampling_ratio), W);
-        const int zs[2] = {sz.lo, sz.hi};
-        const int ys[2] = {sy.lo, sy.hi};
-        const int xs[2] = {sx.lo, sx.hi};
-        const T wz[2] = {sz.w_lo, sz.w_hi};
-        const T wy[2] = {sy.w_lo, sy.w_hi};
-        const T wx[2] = {sx.w_lo, sx.w_hi};
-        for (int a = 0; a < 2; ++a)
-          for (int b = 0; b < 2; ++b)
-            for (int c = 0; c < 2; ++c) {
-              const T w = wz[a] * wy[b] * wx[c];
-              if (w == T(0)) continue;
-              const long long off = ((static_cast<long long>(zs[a]) * H + ys[b]) * W + xs[c]) * C;
-              add(gmap + off, w * gs);
-            }
-      }
-    }
+  const T gs = g / samples_per_bin<T>(sampling_ratio);
+  for_each_sample_corner(D, H, W, C, start, bin, pz, py, px, sampling_ratio,
+                         [&](long long off, T w) {
+                           if (w != T(0)) add(gmap + off, w * gs);
+                         });
+}
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+// The GPU kernels: one thread per element (RoI, bin, channel) of the pooled tensor
+// [R, o, o, o, C], grid-stride. Both the op's kernels (roi_align_3d_kernels.cu.cc) and the
+// standalone harness (tests/cuda_harness.py) are thin wrappers around forward_elements and
+// backward_elements, so the harness tests the op's device code itself.
+
+// One element of the pooled tensor as its thread sees it.
+template <typename T>
+struct PooledElement {
+  long long index;       // Flat index into [R, o, o, o, C].
+  long long map_offset;  // Channel c of the RoI's batch item in a [B, D, H, W, C] map.
+  int pz, py, px;        // The bin.
+  T start[3];            // The RoI's geometry (roi_geometry).
+  T bin[3];
+};
+
+// Calls fn(const PooledElement<T>&) for every element of this thread.
+template <typename T, typename Fn>
+__device__ __forceinline__ void for_each_pooled_element(long long num_rois, int D, int H, int W,
+                                                        long long C, int output_size,
+                                                        float spatial_scale, bool aligned,
+                                                        const T* boxes, const int* box_indices,
+                                                        Fn fn) {
+  const int o = output_size;
+  const long long o3 = static_cast<long long>(o) * o * o;
+  const long long map_stride = static_cast<long long>(D) * H * W * C;
+  const long long total = num_rois * o3 * C;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<long long>(blockDim.x) * gridDim.x) {
+    const long long u = i / C;
+    const int rem = static_cast<int>(u % o3);
+    const long long r = u / o3;
+    PooledElement<T> e;
+    e.index = i;
+    e.map_offset = box_indices[r] * map_stride + i % C;
+    e.pz = rem / (o * o);
+    e.py = (rem / o) % o;
+    e.px = rem % o;
+    roi_geometry(boxes + 6 * r, static_cast<T>(spatial_scale), aligned, o, e.start, e.bin);
+    fn(e);
   }
 }
+
+__device__ __forceinline__ void atomic_add(float* dst, float v) { atomicAdd(dst, v); }
+
+__device__ __forceinline__ void atomic_add(double* dst, double v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
+  // No native double atomicAdd before sm_60: compare-and-swap loop.
+  auto* addr = reinterpret_cast<unsigned long long*>(dst);
+  unsigned long long old = *addr, assumed;
+  do {
+    assumed = old;
+    old = atomicCAS(addr, assumed,
+                    __double_as_longlong(v + __longlong_as_double(static_cast<long long>(assumed))));
+  } while (assumed != old);
+#else
+  atomicAdd(dst, v);
+#endif
+}
+
+// output[i] = bin_value for the elements of this thread.
+template <typename T>
+__device__ __forceinline__ void forward_elements(const T* features, const T* boxes,
+                                                 const int* box_indices, T* output,
+                                                 long long num_rois, int D, int H, int W,
+                                                 long long C, int output_size, int sampling_ratio,
+                                                 float spatial_scale, bool aligned) {
+  for_each_pooled_element(num_rois, D, H, W, C, output_size, spatial_scale, aligned, boxes,
+                          box_indices, [&](const PooledElement<T>& e) {
+                            output[e.index] = bin_value(features + e.map_offset, D, H, W, C,
+                                                        e.start, e.bin, e.pz, e.py, e.px,
+                                                        sampling_ratio);
+                          });
+}
+
+// grad_features += the scatter of grads[i] for the elements of this thread (atomically: bins
+// of one RoI and RoIs of one batch item overlap). grad_features must be zeroed beforehand.
+template <typename T>
+__device__ __forceinline__ void backward_elements(const T* grads, const T* boxes,
+                                                  const int* box_indices, T* grad_features,
+                                                  long long num_rois, int D, int H, int W,
+                                                  long long C, int output_size,
+                                                  int sampling_ratio, float spatial_scale,
+                                                  bool aligned) {
+  for_each_pooled_element(num_rois, D, H, W, C, output_size, spatial_scale, aligned, boxes,
+                          box_indices, [&](const PooledElement<T>& e) {
+                            bin_scatter(grad_features + e.map_offset, D, H, W, C, e.start, e.bin,
+                                        e.pz, e.py, e.px, sampling_ratio, grads[e.index],
+                                        [](T* dst, T v) { atomic_add(dst, v); });
+                          });
+}
+#endif  // __CUDACC__ || __HIPCC__
 
 }  // namespace roi_align_3d
 

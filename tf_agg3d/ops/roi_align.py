@@ -7,10 +7,12 @@ op); ``tf_agg3d.ops.roi_align_op.roi_align_3d_fast`` is the C++/CUDA op equal to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["roi_align_3d", "validate_roi_align_args"]
+__all__ = ["roi_align_3d", "roi_align_entry", "validate_roi_align_args"]
 
 
 def _check_rank(x: tf.Tensor, name: str, rank: int, layout: str) -> None:
@@ -99,14 +101,47 @@ def validate_roi_align_args(
     return features, boxes, box_indices, o, s
 
 
+def roi_align_entry(compute: Callable[..., tf.Tensor]) -> Callable[..., tf.Tensor]:
+    """Wraps a 3D RoI Align implementation in the public signature and dtype contract.
+
+    The returned function takes ``(features, boxes, box_indices, output_size=2,
+    sampling_ratio=2, spatial_scale=1.0, aligned=True)``, validates them
+    (``validate_roi_align_args``) and calls ``compute(f, b, idx, o, s, spatial_scale, aligned)``
+    with float32 or float64 ``f`` (float16 / bfloat16 features computed in float32), ``b`` of
+    the same dtype under ``tf.stop_gradient`` (RoIs are proposals, not regressed through the
+    pooling), int32 ``idx`` and int ``o``, ``s``; the result is cast back to the features'
+    dtype. It carries the name and docstring of `compute`, which document the public function.
+    """
+
+    def entry(
+        features: tf.Tensor,
+        boxes: tf.Tensor,
+        box_indices: tf.Tensor,
+        output_size: int = 2,
+        sampling_ratio: int = 2,
+        spatial_scale: float = 1.0,
+        aligned: bool = True,
+    ) -> tf.Tensor:
+        features, boxes, box_indices, o, s = validate_roi_align_args(
+            features, boxes, box_indices, output_size, sampling_ratio
+        )
+        out_dtype = features.dtype
+        dtype = tf.float64 if out_dtype == tf.float64 else tf.float32
+        f = tf.cast(features, dtype)
+        b = tf.stop_gradient(tf.cast(boxes, dtype))
+        idx = tf.cast(box_indices, tf.int32)
+        return tf.cast(compute(f, b, idx, o, s, spatial_scale, aligned), out_dtype)
+
+    # Not functools.wraps: the __wrapped__ it sets would make inspect.signature (and so help()
+    # and IDEs) show compute's positional signature instead of the public one above.
+    for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+        setattr(entry, attr, getattr(compute, attr))
+    return entry
+
+
+@roi_align_entry
 def roi_align_3d(
-    features: tf.Tensor,
-    boxes: tf.Tensor,
-    box_indices: tf.Tensor,
-    output_size: int = 2,
-    sampling_ratio: int = 2,
-    spatial_scale: float = 1.0,
-    aligned: bool = True,
+    f: tf.Tensor, b: tf.Tensor, idx: tf.Tensor, o: int, s: int, spatial_scale: float, aligned: bool
 ) -> tf.Tensor:
     """3D RoI Align: Detectron2's ``ROIAlign`` extended to volumes, channels-last.
 
@@ -157,15 +192,8 @@ def roi_align_3d(
         ValueError: a wrong static rank (naming the argument), a non-float ``features``, or a
             non-positive ``output_size`` / ``sampling_ratio``.
     """
-    features, boxes, box_indices, o, s = validate_roi_align_args(
-        features, boxes, box_indices, output_size, sampling_ratio
-    )
-    out_dtype = features.dtype
-    dtype = tf.float64 if out_dtype == tf.float64 else tf.float32
     with tf.name_scope("roi_align_3d"):
-        f = tf.cast(features, dtype)
-        b = tf.stop_gradient(tf.cast(boxes, dtype))
-        idx = tf.cast(box_indices, tf.int32)
+        dtype = f.dtype
         shape = tf.shape(f)
         batch, depth, height, width, channels = (shape[k] for k in range(5))
         num_rois = tf.shape(b)[0]
@@ -210,5 +238,4 @@ def roi_align_3d(
         acc = tf.reduce_sum(tf.reshape(acc, [-1, n, big * channels]), axis=1)
         acc = tf.reduce_sum(tf.reshape(acc, [-1, n, channels]), axis=1)
         out = tf.reshape(acc, [num_rois, o, o, o, channels]) / float(s**3)
-        out = tf.ensure_shape(out, [boxes.shape[0], o, o, o, features.shape[-1]])
-        return tf.cast(out, out_dtype)
+        return tf.ensure_shape(out, [b.shape[0], o, o, o, f.shape[-1]])

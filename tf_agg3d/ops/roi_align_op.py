@@ -23,7 +23,7 @@ from types import ModuleType
 import tensorflow as tf
 from absl import logging
 
-from tf_agg3d.ops.roi_align import roi_align_3d, validate_roi_align_args
+from tf_agg3d.ops.roi_align import roi_align_3d, roi_align_entry
 
 __all__ = [
     "OpLibraryError",
@@ -136,14 +136,9 @@ def _roi_align_3d_grad(op: tf.Operation, grad: tf.Tensor) -> list[tf.Tensor | No
     return [grad_features, None, None]
 
 
+@roi_align_entry
 def roi_align_3d_fast(
-    features: tf.Tensor,
-    boxes: tf.Tensor,
-    box_indices: tf.Tensor,
-    output_size: int = 2,
-    sampling_ratio: int = 2,
-    spatial_scale: float = 1.0,
-    aligned: bool = True,
+    f: tf.Tensor, b: tf.Tensor, idx: tf.Tensor, o: int, s: int, spatial_scale: float, aligned: bool
 ) -> tf.Tensor:
     """3D RoI Align through the custom op, else the pure-TF reference.
 
@@ -168,21 +163,13 @@ def roi_align_3d_fast(
     """
     lib = _library()
     if lib is None:
-        return roi_align_3d(
-            features, boxes, box_indices, output_size, sampling_ratio, spatial_scale, aligned
-        )
-    features, boxes, box_indices, o, s = validate_roi_align_args(
-        features, boxes, box_indices, output_size, sampling_ratio
-    )
-    out_dtype = features.dtype
-    dtype = tf.float64 if out_dtype == tf.float64 else tf.float32
-    out = lib.roi_align3d(
-        features=tf.cast(features, dtype),
-        boxes=tf.stop_gradient(tf.cast(boxes, dtype)),
-        box_indices=tf.cast(box_indices, tf.int32),
+        return roi_align_3d(f, b, idx, o, s, spatial_scale, aligned)
+    return lib.roi_align3d(
+        features=f,
+        boxes=b,
+        box_indices=idx,
         output_size=o,
         sampling_ratio=s,
         spatial_scale=float(spatial_scale),
         aligned=bool(aligned),
     )
-    return tf.cast(out, out_dtype)

@@ -1,8 +1,9 @@
 """Runs the CUDA arithmetic of roi_align_3d_math.h on a GPU without TensorFlow.
 
-For machines with a GPU but no TensorFlow: CuPy compiles KERNEL_SOURCE (the same loops as
-roi_align_3d_kernels.cu.cc around the shared header) with NVRTC, and the results are compared
-with a NumPy reference of the contract (tf_agg3d/ops/roi_align.py). Needs numpy and cupy only.
+For machines with a GPU but no TensorFlow: CuPy compiles KERNEL_SOURCE (extern "C" kernels
+around the header's forward_elements / backward_elements, which are also the bodies of
+roi_align_3d_kernels.cu.cc's kernels) with NVRTC, and the results are compared with a NumPy
+reference of the contract (tf_agg3d/ops/roi_align.py). Needs numpy and cupy only.
 
     python custom_ops/roi_align_3d/tests/cuda_harness.py   # exits 1 on a mismatch
 """
@@ -16,71 +17,23 @@ import numpy as np
 
 OP_DIR = Path(__file__).resolve().parents[1]
 
-# One thread per output element, grid-stride loops; `bin_value` / `bin_scatter` are the
-# header's, exactly as the TensorFlow op's CUDA kernels call them.
+# One thread per output element, grid-stride loops: `forward_elements` / `backward_elements` are
+# the header's, the bodies of the TensorFlow op's CUDA kernels.
 KERNEL_SOURCE = r"""
 #include "roi_align_3d_math.h"
 
-struct AtomicAdder {
-  template <typename T>
-  __device__ void operator()(T* dst, T v) const { atomicAdd(dst, v); }
-};
-
-template <typename T>
-__device__ void forward(const T* features, const T* boxes, const int* box_indices, T* output,
-                        int num_rois, int D, int H, int W, int C, int o, int sr, float scale,
-                        bool aligned) {
-  const long long o3 = (long long)o * o * o;
-  const long long total = num_rois * o3 * C;
-  const long long map_stride = (long long)D * H * W * C;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)blockDim.x * gridDim.x) {
-    const long long c = i % C, u = i / C, r = u / o3;
-    const int rem = (int)(u % o3);
-    T start[3], bin[3];
-    roi_align_3d::roi_geometry(boxes + 6 * r, (T)scale, aligned, o, start, bin);
-    output[i] = roi_align_3d::bin_value(features + box_indices[r] * map_stride + c, D, H, W,
-                                        (long long)C, start, bin, rem / (o * o), (rem / o) % o,
-                                        rem % o, sr);
-  }
-}
-
-template <typename T>
-__device__ void backward(const T* grads, const T* boxes, const int* box_indices, T* grad_features,
-                         int num_rois, int D, int H, int W, int C, int o, int sr, float scale,
-                         bool aligned) {
-  const long long o3 = (long long)o * o * o;
-  const long long total = num_rois * o3 * C;
-  const long long map_stride = (long long)D * H * W * C;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)blockDim.x * gridDim.x) {
-    const long long c = i % C, u = i / C, r = u / o3;
-    const int rem = (int)(u % o3);
-    T start[3], bin[3];
-    roi_align_3d::roi_geometry(boxes + 6 * r, (T)scale, aligned, o, start, bin);
-    roi_align_3d::bin_scatter(grad_features + box_indices[r] * map_stride + c, D, H, W,
-                              (long long)C, start, bin, rem / (o * o), (rem / o) % o, rem % o, sr,
-                              grads[i], AtomicAdder());
-  }
-}
-
-#define ARGS(T) int num_rois, int D, int H, int W, int C, int o, int sr, float scale, bool aligned
+#define ARGS int num_rois, int D, int H, int W, int C, int o, int sr, float scale, bool aligned
 #define PASS num_rois, D, H, W, C, o, sr, scale, aligned
+#define KERNELS(T, SUFFIX)                                                                    \
+  __global__ void forward_##SUFFIX(const T* f, const T* b, const int* i, T* out, ARGS) {     \
+    roi_align_3d::forward_elements(f, b, i, out, PASS);                                       \
+  }                                                                                           \
+  __global__ void backward_##SUFFIX(const T* g, const T* b, const int* i, T* gf, ARGS) {     \
+    roi_align_3d::backward_elements(g, b, i, gf, PASS);                                       \
+  }
 extern "C" {
-__global__ void forward_f32(const float* f, const float* b, const int* i, float* out, ARGS(float)) {
-  forward<float>(f, b, i, out, PASS);
-}
-__global__ void forward_f64(const double* f, const double* b, const int* i, double* out,
-                            ARGS(double)) {
-  forward<double>(f, b, i, out, PASS);
-}
-__global__ void backward_f32(const float* g, const float* b, const int* i, float* gf, ARGS(float)) {
-  backward<float>(g, b, i, gf, PASS);
-}
-__global__ void backward_f64(const double* g, const double* b, const int* i, double* gf,
-                             ARGS(double)) {
-  backward<double>(g, b, i, gf, PASS);
-}
+KERNELS(float, f32)
+KERNELS(double, f64)
 }
 """
 

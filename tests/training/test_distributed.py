@@ -58,10 +58,10 @@ EQUIVALENCE_SCRIPT = textwrap.dedent(
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     runs = []
 
-    def run(strategy, frozen):
+    def run(strategy, frozen, extra=()):
         FROZEN[0] = frozen
-        t = Trainer(config([f"train.init_checkpoint={prefix}"]), work + f"/run{len(runs)}",
-                    strategy=strategy, log=quiet)
+        t = Trainer(config([f"train.init_checkpoint={prefix}", *extra]),
+                    work + f"/run{len(runs)}", strategy=strategy, log=quiet)
         t.setup()
         t.train_steps(t.make_iterator(0), 2)
         runs.append(1)
@@ -72,10 +72,14 @@ EQUIVALENCE_SCRIPT = textwrap.dedent(
 
     frozen_two, frozen_one = run(two, True), run(one, True)
     live_two, live_one = run(two, False), run(one, False)
+    sync = ["model.backbone.sync_batch_norm=true"]
+    sync_two, sync_one = run(two, False, sync), run(one, False, sync)
     print("RESULT " + json.dumps({
         "update": max_diff(frozen_one, before),
         "diff": max_diff(frozen_two, frozen_one),
         "diff_batch_stats": max_diff(live_two, live_one),
+        "update_sync": max_diff(sync_one, before),
+        "diff_sync": max_diff(sync_two, sync_one),
         "replicas": two.num_replicas_in_sync,
     }))
     """
@@ -97,11 +101,16 @@ def test_mirrored_two_cpus_equal_one_device(tmp_path):
     The losses' counts are all-reduced and the gradients summed, so the updates agree to float
     rounding when BatchNormalization has no batch effect (it normalises with its moving
     statistics here). With per-replica batch statistics each replica normalises its crop
-    alone, and the test sees the difference (so it can fail). Synchronized BN
-    (model.backbone.sync_batch_norm) is the production answer to that, but in TF 2.16 /
-    Keras 3.15 its backward pass under MirroredStrategy does not reproduce the single-device
-    gradient (forward losses agree to 1e-5, gradients differ by a few percent), so it cannot
-    serve as the equality reference.
+    alone, and the test sees the difference (so it can fail). With synchronized BN
+    (model.backbone.sync_batch_norm: tf_agg3d.layers.sync_batch_norm.SyncBatchNormalization)
+    the two-replica update equals the one-device update of the same config again. The stock
+    layers are no reference for it: their float32 batch sums round differently for a split
+    batch, which moves the first convolution's update by ~2% in one step, and this run's
+    second step amplifies a difference after the first ~60 times (Keras'
+    ``synchronized=True`` gives diff_sync ~ 0.7 * update_sync here; see the layer's module
+    docstring). The largest remaining difference is the update of the Local Magnification
+    deconv's bias, which feeds a BatchNormalization: its true gradient is zero and its
+    computed one is rounding noise.
     """
     cache = write_cache(tmp_path / "cache", n_scans=3)
     script = tmp_path / "equivalence.py"
@@ -112,13 +121,14 @@ def test_mirrored_two_cpus_equal_one_device(tmp_path):
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=480,
     )
     r = _result(proc)
     assert r["replicas"] == 2
-    assert r["update"] > 1e-4, r
+    assert r["update"] > 1e-4 and r["update_sync"] > 1e-4, r
     assert r["diff"] < 1e-4 * r["update"] + 1e-7, r
     assert r["diff_batch_stats"] > 1e-2 * r["update"], r
+    assert r["diff_sync"] < 1e-4 * r["update_sync"] + 1e-7, r
 
 
 def _free_ports(n):

@@ -49,7 +49,8 @@ class DenseUNet3D(keras.Model):
       detector_layers: dense bottleneck layers at the coarsest level.
       decoder_channels: channels of the transposed convs and post-concat 1x1x1 convs.
       pyramid_channels: channels of every pyramid output.
-      sync_batch_norm: synchronized BatchNormalization across replicas.
+      sync_batch_norm: BatchNormalization synchronized across replicas
+        (:class:`~tf_agg3d.layers.sync_batch_norm.SyncBatchNormalization`).
 
     Call:
       inputs: [B, D, H, W, C_in] normalised intensities (see HUNormalization).

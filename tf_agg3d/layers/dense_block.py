@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import keras
 
+from tf_agg3d.layers.sync_batch_norm import SyncBatchNormalization
 from tf_agg3d.layers.tracking import track_sublayers
 
 
 def batch_norm(sync: bool, name: str) -> keras.layers.BatchNormalization:
-    """BatchNormalization, synchronized across replicas when `sync` (tf.distribute training)."""
-    return keras.layers.BatchNormalization(synchronized=sync, epsilon=1e-5, name=name)
+    """BatchNormalization, synchronized across replicas when `sync` (tf.distribute training).
+
+    The synchronized one is :class:`SyncBatchNormalization`, not Keras' ``synchronized=True``,
+    whose float32 moments (a one-pass variance, single-run sums) do not reproduce the
+    single-device gradients.
+    """
+    if sync:
+        return SyncBatchNormalization(epsilon=1e-5, name=name)
+    return keras.layers.BatchNormalization(epsilon=1e-5, name=name)
 
 
 def channels_shape(channels: int) -> tuple:

@@ -9,8 +9,8 @@ Usage:
   python bench/input_pipeline.py [--config configs/demo_cpu.yaml] [--cache DIR] \
       [--batches 20] [--steps 10] [--set key=value ...]
 
-Without --cache a small synthetic cache (bright spheres in a -700 HU box) is written to a
-temporary folder, so the benchmark runs anywhere.
+Without --cache, four synthetic LUNA16 scans (the demo's generator) are generated and
+preprocessed into a temporary folder, so the benchmark runs anywhere.
 """
 
 from __future__ import annotations
@@ -18,45 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _write_cache(cache_dir: str, n_scans: int = 4, shape=(160, 160, 160)) -> str:
-    from tf_agg3d.data import cache as cache_lib
-
-    rng = np.random.default_rng(0)
-    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    for i in range(n_scans):
-        vol = np.full(shape, -700, np.int16)
-        nodules = []
-        for _ in range(3):
-            c = rng.uniform(16, np.asarray(shape) - 16)
-            d = float(rng.uniform(4, 20))
-            vol[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= (d / 2) ** 2] = 100
-            nodules.append({"z": float(c[0]), "y": float(c[1]), "x": float(c[2]), "d": d})
-        meta = {
-            "affine": np.eye(4).tolist(),
-            "shape": list(shape),
-            "nodules": nodules,
-            "excluded": [],
-            "origin": [0.0] * 3,
-            "spacing": [1.0] * 3,
-            "direction": np.eye(3).ravel().tolist(),
-            "seriesuid": f"bench{i}",
-            "subset": i % 10,
-            "lung_mask": "",
-            "hu_window": [-1200, 600],
-            "fill_hu": 0,
-            "source": "bench",
-        }
-        cache_lib.write_entry(cache_dir, f"bench{i}", vol, meta)
-    return cache_dir
+def _synthetic_cache(work: str, n_scans: int = 4) -> str:
+    """Generates and preprocesses a small synthetic LUNA16 (the demo's data) under `work`."""
+    raw, cache = os.path.join(work, "luna16"), os.path.join(work, "cache")
+    for args in (
+        ["tf_agg3d.data.synthetic", "--out", raw, "--n-scans", str(n_scans), "--seed", "0"],
+        ["tf_agg3d.preprocess", "--luna-root", raw, "--out", cache],
+    ):
+        subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True)
+    return cache
 
 
 def main() -> None:
@@ -75,7 +53,7 @@ def main() -> None:
     from tf_agg3d.training.trainer import Trainer
 
     tmp = tempfile.mkdtemp(prefix="bench_input_")
-    cache = args.cache or _write_cache(os.path.join(tmp, "cache"))
+    cache = args.cache or _synthetic_cache(tmp)
     config = load_config(args.config, [f"data.cache_dir={cache}", "train.phase=rpn", *args.set])
     scans, _ = pipeline.select_scans(config.data)
     batch = config.data.batch_size

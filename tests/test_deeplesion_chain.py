@@ -9,67 +9,36 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from support import REPO, tiny_config_file
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY_DEEPLESION_YAML = """
-data:
-  crop_size: [32, 32, 32]
-  batch_size: 2
-  fold: -1
-  max_train_diameter_mm: 48.0
-  jitter_mm: 4.0
-  num_parallel_calls: 1
-  prefetch: 1
-model:
-  backbone:
-    preblock_filters: 4
-    growth_rate: 4
-    layers_per_block: 1
-    bottleneck_width: 1
-    transition_channels: [8, 8, 8]
-    detector_layers: 1
-    decoder_channels: 8
-    pyramid_channels: 8
-  anchors:
-    strides: [4, 8, 16]
-    sizes: [[3.0, 5.0, 7.0], [10.0, 13.0, 17.0], [22.0, 30.0, 40.0]]
-  fpr:
-    hidden_units: 8
-    magnify_stages: 1
-    magnify_layers_per_stage: 1
-    use_custom_op: false
-  proposals:
-    max_proposals: 4
-    pre_nms_top_k: 32
-inference:
-  window_size: [32, 64, 64]
-  overlap: 0
-  window_batch_size: 2
-  score_threshold: 0.0
-train:
-  max_steps: 3
-  learning_rate: 0.01
-  lr_schedule: constant
-  checkpoint_every_steps: 3
-  log_every_steps: 1
-  fpr_gt_copies: 1
-  val_max_scans: 0
-  abs_window_overlap: 0
-evaluation:
-  bootstrap: 10
-"""
+# TINY_YAML plus DeepLesion's split (fold -1) and 48 mm size cut, anchors up to 40 mm, 32 x 64 x 64
+# inference windows, 3 steps and a short bootstrap.
+DEEPLESION_SECTIONS = {
+    "data": {"fold": -1, "max_train_diameter_mm": 48.0},
+    "model": {
+        "anchors": {
+            "strides": [4, 8, 16],
+            "sizes": [[3.0, 5.0, 7.0], [10.0, 13.0, 17.0], [22.0, 30.0, 40.0]],
+        }
+    },
+    "inference": {
+        "window_size": [32, 64, 64],
+        "overlap": 0,
+        "window_batch_size": 2,
+        "score_threshold": 0.0,
+    },
+    "train": {"max_steps": 3, "checkpoint_every_steps": 3},
+    "evaluation": {"bootstrap": 10},
+}
 
 
 @pytest.mark.slow
 def test_deeplesion_chain_end_to_end(tmp_path):
-    config = tmp_path / "tiny_deeplesion.yaml"
-    config.write_text(TINY_DEEPLESION_YAML)
+    config = tiny_config_file(tmp_path, DEEPLESION_SECTIONS)
     out = tmp_path / "demo"
     proc = subprocess.run(
         [
@@ -85,7 +54,7 @@ def test_deeplesion_chain_end_to_end(tmp_path):
             "--seed",
             "1",
             "--config",
-            str(config),
+            config,
             "--rpn-steps",
             "3",
             "--joint-steps",

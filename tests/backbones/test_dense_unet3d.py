@@ -1,8 +1,10 @@
 """DenseUNet3D: pyramid shapes, Table I parameter count, serialization."""
 
-import keras
+import dataclasses
+
 import numpy as np
 import pytest
+from support import SMALL_BACKBONE, keras_roundtrip
 
 from tf_agg3d.backbones.dense_unet3d import DenseUNet3D
 from tf_agg3d.config import BackboneConfig
@@ -13,16 +15,7 @@ TABLE_I_BACKBONE_TRAINABLE = 547_544
 
 
 def small():
-    return DenseUNet3D(
-        preblock_filters=4,
-        growth_rate=4,
-        layers_per_block=1,
-        bottleneck_width=2,
-        transition_channels=(8, 8, 8),
-        detector_layers=1,
-        decoder_channels=8,
-        pyramid_channels=6,
-    )
+    return DenseUNet3D.from_backbone_config(dataclasses.replace(SMALL_BACKBONE, pyramid_channels=6))
 
 
 @pytest.mark.parametrize("side", [32, 64])
@@ -57,14 +50,7 @@ def test_full_config_pyramid_channels():
 
 
 def test_serialization_roundtrip(tmp_path):
-    net = small()
     x = np.random.default_rng(0).normal(size=(1, 32, 32, 32, 1)).astype("float32")
-    ref = net(x)
-    clone = DenseUNet3D.from_config(net.get_config())
-    assert clone.get_config() == net.get_config()
-    path = str(tmp_path / "backbone.keras")
-    net.save(path)
-    loaded = keras.saving.load_model(path)
-    out = loaded(x)
+    ref, out = keras_roundtrip(small(), x, str(tmp_path / "backbone.keras"))
     for s in ref:
         np.testing.assert_allclose(out[s].numpy(), ref[s].numpy(), atol=1e-5)

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from support import cache_meta
 
 from tf_agg3d.config import AnchorConfig, DataConfig
 from tf_agg3d.data import augment, pipeline
@@ -26,21 +27,8 @@ def write_scan(cache_dir, uid, subset, shape=(48, 56, 64), nodules=(), fill_hu=F
     vol = np.full(shape, -700, np.int16)
     for z, y, x, d in nodules:
         vol[_sphere(shape, (z, y, x), d)] = BRIGHT
-    meta = {
-        "affine": np.eye(4).tolist(),
-        "shape": list(shape),
-        "nodules": [{"z": z, "y": y, "x": x, "d": d} for z, y, x, d in nodules],
-        "excluded": [],
-        "origin": [0.0, 0.0, 0.0],
-        "spacing": [1.0, 1.0, 1.0],
-        "direction": np.eye(3).ravel().tolist(),
-        "seriesuid": uid,
-        "subset": subset,
-        "lung_mask": "",
-        "hu_window": [-1200, 600],
-        "fill_hu": fill_hu,
-        "source": "test",
-    }
+    boxes = [{"z": z, "y": y, "x": x, "d": d} for z, y, x, d in nodules]
+    meta = cache_meta(uid, shape, nodules=boxes, subset=subset, fill_hu=fill_hu)
     cache_lib.write_entry(str(cache_dir), uid, vol, meta)
 
 

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from _evaluation_testlib import write_csv
+from support import REPO, cache_meta
 
 from tf_agg3d.evaluation import froc as F
 from tf_agg3d.evaluation.gallery import GalleryConfig, world_to_voxel, write_gallery
@@ -18,7 +19,6 @@ from tf_agg3d.evaluation.io import read_annotations, read_predictions
 
 ANN_HEADER = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
 PRED_HEADER = ["seriesuid", "coordX", "coordY", "coordZ", "probability"]
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _cli(*args):
@@ -140,21 +140,7 @@ def _write_cache(cache_dir, uid, origin):
     affine[:3, :3] = [[0, 0, 1], [0, 1, 0], [1, 0, 0]]
     affine[:3, 3] = origin
     np.save(cache_dir / f"{uid}.npy", vol, allow_pickle=False)
-    meta = {
-        "affine": affine.tolist(),
-        "shape": list(vol.shape),
-        "nodules": [],
-        "excluded": [],
-        "origin": list(origin),
-        "spacing": [1.0, 1.0, 1.0],
-        "direction": np.eye(3).ravel().tolist(),
-        "seriesuid": uid,
-        "subset": 0,
-        "lung_mask": "",
-        "hu_window": [-1200, 600],
-        "fill_hu": 0,
-        "source": "test",
-    }
+    meta = cache_meta(uid, vol.shape, affine=affine, origin=origin)
     (cache_dir / f"{uid}.json").write_text(json.dumps(meta))
     return affine
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from inference_fakes import BlobDetector, rpn_probability
+from support import REPO, cache_meta
 
 from tf_agg3d.config import ExperimentConfig, load_config, save_config
 from tf_agg3d.data import cache
@@ -20,7 +21,6 @@ from tf_agg3d.models.builder import build_detector
 from tf_agg3d.models.detector import Agg3DDetector
 from tf_agg3d.ops.roi_align import roi_align_3d
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = [
     "model.backbone.preblock_filters=4",
     "model.backbone.growth_rate=4",
@@ -36,21 +36,7 @@ TINY = [
 
 
 def _meta(uid, affine, shape):
-    return {
-        "affine": np.asarray(affine).tolist(),
-        "shape": list(shape),
-        "nodules": [],
-        "excluded": [],
-        "origin": [0.0, 0.0, 0.0],
-        "spacing": [1.0, 1.0, 1.0],
-        "direction": np.eye(3).ravel().tolist(),
-        "seriesuid": uid,
-        "subset": 0,
-        "lung_mask": "test",
-        "hu_window": [-1200, 600],
-        "fill_hu": 0,
-        "source": "test",
-    }
+    return cache_meta(uid, shape, affine=affine, lung_mask="test")
 
 
 def test_cache_entry_findings_map_to_world_through_a_flipped_affine(tmp_path):

@@ -4,22 +4,17 @@ Keras 3 layers kept in Python lists are invisible to TensorFlow's object graph u
 explicitly (tf_agg3d.layers.tracking); this guards every list-holding layer of the model.
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
+from support import SMALL_BACKBONE
 
-from tf_agg3d.config import BackboneConfig, FPRConfig, ModelConfig, ProposalConfig
+from tf_agg3d.config import FPRConfig, ModelConfig, ProposalConfig
 from tf_agg3d.models.builder import build_detector
 
-SMALL = BackboneConfig(
-    preblock_filters=4,
-    growth_rate=4,
-    layers_per_block=2,
-    bottleneck_width=2,
-    transition_channels=(8, 8, 8),
-    detector_layers=2,
-    decoder_channels=8,
-    pyramid_channels=8,
-)
+# Two layers a dense block and two detector layers: every list-holding layer holds several.
+SMALL = dataclasses.replace(SMALL_BACKBONE, layers_per_block=2, detector_layers=2)
 
 
 def _detector(seed):

@@ -1,15 +1,14 @@
 """Agg3DDetector: outputs, proposals, Diameter Alignment geometry through RoI Align, shared Local
 Magnification, serialization, a user RPN head trained one step, and the full parameter count."""
 
-import dataclasses
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import SMALL_BACKBONE, keras_roundtrip
 
 from tf_agg3d.backbones.dense_unet3d import DenseUNet3D
-from tf_agg3d.config import AnchorConfig, BackboneConfig, FPRConfig, ModelConfig, ProposalConfig
+from tf_agg3d.config import AnchorConfig, FPRConfig, ModelConfig, ProposalConfig
 from tf_agg3d.heads.fpr_head import FPRHead
 from tf_agg3d.heads.rpn_head import RPNHead
 from tf_agg3d.layers.local_magnification import LocalMagnification
@@ -23,17 +22,6 @@ from tf_agg3d.ops.targets import assign_anchor_targets, assign_proposal_labels
 # build_detector(ModelConfig()): backbone 552,840 + 3 RPN heads 3 x 2,762 + Local Magnification
 # 149,472 + FPR head 197,121 (768 -> 256 -> 1).
 FULL_DETECTOR_PARAMS = 907_719
-
-SMALL_BACKBONE = BackboneConfig(
-    preblock_filters=4,
-    growth_rate=4,
-    layers_per_block=1,
-    bottleneck_width=2,
-    transition_channels=(8, 8, 8),
-    detector_layers=1,
-    decoder_channels=8,
-    pyramid_channels=8,
-)
 
 
 def small_config(**fpr):
@@ -148,13 +136,7 @@ def test_crops_through_roi_align_have_the_aligned_size_and_centre(magnify, align
         use_custom_op=False,
     )
     det = Agg3DDetector(
-        DenseUNet3D(
-            **{
-                f.name: getattr(SMALL_BACKBONE, f.name)
-                for f in dataclasses.fields(SMALL_BACKBONE)
-                if f.name != "hu_window"
-            }
-        ),
+        DenseUNet3D.from_backbone_config(SMALL_BACKBONE),
         lambda s, a: RPNHead(a),
         _CaptureHead(),
         fpr_config=fpr,
@@ -208,13 +190,7 @@ def test_local_magnification_one_weight_set_for_all_levels():
 def test_get_config_and_keras_file_roundtrip(tmp_path):
     det = build_detector(small_config())
     x = volume(32, batch=1)
-    ref = det(x)
-    clone = Agg3DDetector.from_config(det.get_config())
-    assert clone.get_config() == det.get_config()
-    path = str(tmp_path / "detector.keras")
-    det.save(path)
-    loaded = keras.saving.load_model(path)
-    out = loaded(x)
+    ref, out = keras_roundtrip(det, x, str(tmp_path / "detector.keras"))
     for key in ("boxes", "rpn_scores", "fpr_logits", "scores"):
         np.testing.assert_allclose(out[key].numpy(), ref[key].numpy(), atol=1e-5)
     assert out["levels"].numpy().tolist() == ref["levels"].numpy().tolist()

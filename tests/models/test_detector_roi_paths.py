@@ -3,30 +3,20 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import SMALL_BACKBONE
 
-from tf_agg3d.config import BackboneConfig, FPRConfig, ModelConfig, ProposalConfig
+from tf_agg3d.config import FPRConfig, ModelConfig, ProposalConfig
 from tf_agg3d.models.builder import build_detector
 from tf_agg3d.ops.roi_align import roi_align_3d
 from tf_agg3d.ops.roi_align_op import custom_op_available, roi_align_3d_fast
 
 pytestmark = pytest.mark.skipif(not custom_op_available(), reason="custom op not built (make op)")
 
-SMALL = BackboneConfig(
-    preblock_filters=4,
-    growth_rate=4,
-    layers_per_block=1,
-    bottleneck_width=2,
-    transition_channels=(8, 8, 8),
-    detector_layers=1,
-    decoder_channels=8,
-    pyramid_channels=8,
-)
-
 
 @pytest.mark.parametrize("magnify", [True, False])
 def test_custom_op_and_pure_tf_paths_agree_in_outputs_and_gradients(magnify):
     cfg = ModelConfig(
-        backbone=SMALL,
+        backbone=SMALL_BACKBONE,
         fpr=FPRConfig(local_magnification=magnify),
         proposals=ProposalConfig(score_threshold=0.0, max_proposals=8, pre_nms_top_k=64),
     )

@@ -22,35 +22,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import tensorflow as tf
+from support import TINY_DETECTOR_OVERRIDES, write_model_dir
 
-from tf_agg3d.config import load_config, save_config
+from tf_agg3d.config import load_config
 from tf_agg3d.serving.dev_server import DevServer
 from tf_agg3d.serving.export_module import Agg3DExportModule, export_saved_model
 
 STANDIN_MAX_SHAPE = (96, 96, 96)
 STANDIN_WINDOW = (16, 16, 16)
 STANDIN_TOP_K = 5
-
-# The smallest real detector that still has every part (three levels, FPRN, magnification).
-TINY_OVERRIDES = [
-    "model.backbone.preblock_filters=4",
-    "model.backbone.growth_rate=4",
-    "model.backbone.transition_channels=[8,8,8]",
-    "model.backbone.pyramid_channels=8",
-    "model.backbone.decoder_channels=8",
-    "model.backbone.layers_per_block=1",
-    "model.backbone.detector_layers=1",
-    "model.fpr.hidden_units=8",
-    "model.fpr.magnify_stages=1",
-    "model.fpr.magnify_layers_per_stage=1",
-    "model.fpr.use_custom_op=false",
-    "model.proposals.score_threshold=0.0",
-    "model.proposals.max_proposals=4",
-    "inference.window_size=[32,32,32]",
-    "inference.overlap=8",
-    "inference.score_threshold=0.0",
-    "inference.max_marks=10",
-]
 
 
 class StandInWholeScan(tf.Module):
@@ -133,7 +113,7 @@ def write_scan(path, array, spacing_xyz=(1.1, 1.1, 2.0), origin_xyz=(-35.0, 20.5
 
 
 def tiny_config(overrides=()):
-    return load_config(None, [*TINY_OVERRIDES, *overrides])
+    return load_config(None, [*TINY_DETECTOR_OVERRIDES, "inference.max_marks=10", *overrides])
 
 
 def export_standin(base, version=None, scale=1.0, overwrite=False, **kw):
@@ -185,19 +165,11 @@ def scan_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_model(tmp_path_factory):
     """A tiny real detector saved as a model directory, and its in-process whole-scan module."""
-    from tf_agg3d.inference.model_loading import build_variables
     from tf_agg3d.inference.whole_scan import WholeScanDetector
-    from tf_agg3d.models.builder import build_detector
-    from tf_agg3d.ops.roi_align import roi_align_3d
 
-    tf.keras.utils.set_random_seed(7)
     config = tiny_config()
-    detector = build_detector(config.model)
-    build_variables(detector)
-    detector.roi_align_fn = roi_align_3d
     model_dir = tmp_path_factory.mktemp("model_dir")
-    save_config(config, str(model_dir / "config.yaml"))
-    tf.train.Checkpoint(model=detector).save(str(model_dir / "ckpt"))
+    detector = write_model_dir(config, model_dir, seed=7)
     whole_scan = WholeScanDetector(detector, config.inference, fill_hu=config.preprocess.fill_hu)
     return types.SimpleNamespace(
         config=config, detector=detector, whole_scan=whole_scan, model_dir=str(model_dir)

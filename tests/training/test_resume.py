@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from train_helpers import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
+from support import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
 
 from tf_agg3d.training import checkpoints as ckpt_lib
 

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import tensorflow as tf
-from train_helpers import PYTHON, REPO, subprocess_env, tiny_config, tiny_config_file, write_cache
+from support import PYTHON, REPO, subprocess_env, tiny_config, tiny_config_file, write_cache
 
 from tf_agg3d.config import ConfigError
 from tf_agg3d.data import pipeline
+from tf_agg3d.training import abs as abs_lib
 from tf_agg3d.training import checkpoints as ckpt_lib
 from tf_agg3d.training.abs import ABS_FILE
 from tf_agg3d.training.checks import validate_training_config
@@ -151,3 +153,51 @@ def test_rpn_then_joint_then_abs_then_oversampling_round(tmp_path, cache_dir):
     kinds = [sampler.sample(i)[2] for i in range(100)]
     share = kinds.count(pipeline.KIND_HARD_NEGATIVE) / len(kinds)
     assert abs(share - joint_cfg.data.abs_fraction) < 0.12
+
+
+class _FixedScorer:
+    """Returns preset detections for every scan (stands in for the whole-scan search)."""
+
+    def __init__(self, boxes, scores):
+        self.boxes, self.scores = boxes, scores
+
+    def detect(self, volume, fill_hu):
+        del volume, fill_hu
+        return self.boxes, self.scores
+
+
+def test_evaluate_scans_counts_hits_and_false_positives(cache_dir):
+    scan = pipeline.load_scans(cache_dir, ["scan0"])[0]
+    first, second = scan.nodules
+    # A hit on the first nodule at 0.95, a hit on the second at 0.4, one far miss at 0.6.
+    miss = first.copy()
+    miss[:3] = [2.0, 2.0, 2.0]
+    boxes = np.stack([first, second, miss]).astype(np.float32)
+    scores = np.asarray([0.95, 0.4, 0.6], np.float32)
+    result = abs_lib.evaluate_scans(
+        _FixedScorer(boxes, scores), [scan], cache_dir, thresholds=(0.3, 0.5, 0.9)
+    )
+    assert result["scans"] == 1 and result["nodules"] == 2
+    at = result["at"]
+    assert (at["0.3"]["found"], at["0.3"]["false_positives"]) == (2, 1)
+    assert (at["0.5"]["found"], at["0.5"]["false_positives"]) == (1, 1)
+    assert (at["0.9"]["found"], at["0.9"]["false_positives"]) == (1, 0)
+    assert at["0.5"]["sensitivity"] == 0.5
+
+
+def test_validation_runs_the_whole_scan_search_on_the_held_out_fold(tmp_path, cache_dir):
+    config = tiny_config(
+        tmp_path,
+        cache_dir,
+        ["data.fold=0", "train.max_steps=2", "train.val_max_scans=1", "train.val_every_steps=1"],
+    )
+    lines = []
+    trainer = Trainer(config, str(tmp_path / "model"), strategy=_one_device(), log=lines.append)
+    summary = trainer.run()
+    # Fold 0 holds out scan0 (subset 0), the only validation scan; it has two nodules.
+    assert summary["val_scans"] == 1 and summary["train_scans"] == 2
+    validation = summary["validation"]
+    assert validation["scans"] == 1 and validation["nodules"] == 2
+    for values in validation["at"].values():
+        assert 0.0 <= values["sensitivity"] <= 1.0 and values["false_positives"] >= 0
+    assert sum("validation on 1 scans" in line for line in lines) == 2  # step 1, then the end

@@ -23,6 +23,7 @@ from tf_agg3d.data.dicom_tfio import tfio_dicom_available
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from s3_env import S3Server  # noqa: E402
+from support import TINY_DETECTOR_OVERRIDES, cache_meta, write_model_dir  # noqa: E402
 
 pytest.importorskip("moto.server", reason="needs moto[server] (requirements/pinned.txt)")
 pytestmark = [
@@ -34,25 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UIDS = ("1.2.840.0.1", "1.2.840.0.2")
 # The smallest real detector with every part (three levels, FPRN, magnification); one 32^3
 # inference window covers each cache volume, so prediction takes seconds.
-TINY_OVERRIDES = [
-    "model.backbone.preblock_filters=4",
-    "model.backbone.growth_rate=4",
-    "model.backbone.transition_channels=[8,8,8]",
-    "model.backbone.pyramid_channels=8",
-    "model.backbone.decoder_channels=8",
-    "model.backbone.layers_per_block=1",
-    "model.backbone.detector_layers=1",
-    "model.fpr.hidden_units=8",
-    "model.fpr.magnify_stages=1",
-    "model.fpr.magnify_layers_per_stage=1",
-    "model.fpr.use_custom_op=false",
-    "model.proposals.score_threshold=0.0",
-    "model.proposals.max_proposals=4",
-    "inference.window_size=[32,32,32]",
-    "inference.overlap=8",
-    "inference.score_threshold=0.0",
-    "inference.max_marks=5",
-]
+TINY_OVERRIDES = [*TINY_DETECTOR_OVERRIDES, "inference.max_marks=5"]
 
 
 @pytest.fixture(scope="module")
@@ -75,24 +58,19 @@ def _volume(seed: int) -> np.ndarray:
 
 
 def _meta(uid: str, shape) -> dict:
+    origin = [-120.5, 30.0, -250.0]
     affine = np.eye(4)
     affine[:3, :3] = [[0, 0, 1], [0, 1, 0], [1, 0, 0]]  # voxel (z, y, x) -> world (x, y, z)
-    affine[:3, 3] = [-120.5, 30.0, -250.0]
-    return {
-        "affine": affine.tolist(),
-        "shape": list(shape),
-        "nodules": [],
-        "excluded": [],
-        "origin": [-120.5, 30.0, -250.0],
-        "spacing": [1.0, 1.0, 1.0],
-        "direction": np.eye(3).ravel().tolist(),
-        "seriesuid": uid,
-        "subset": 0,
-        "lung_mask": "threshold",
-        "hu_window": [-1200, 600],
-        "fill_hu": 170,
-        "source": f"synthetic/{uid}.mhd",
-    }
+    affine[:3, 3] = origin
+    return cache_meta(
+        uid,
+        shape,
+        affine=affine,
+        origin=origin,
+        lung_mask="threshold",
+        fill_hu=170,
+        source=f"synthetic/{uid}.mhd",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -100,22 +78,13 @@ def stored(s3, tmp_path_factory):
     """The tiny model directory and a two-scan cache, locally and in buckets."""
     import tensorflow as tf
 
-    from tf_agg3d.config import load_config, save_config
+    from tf_agg3d.config import load_config
     from tf_agg3d.data import cache
-    from tf_agg3d.inference.model_loading import build_variables
     from tf_agg3d.inference.predictor import Predictor
-    from tf_agg3d.models.builder import build_detector
-    from tf_agg3d.ops.roi_align import roi_align_3d
 
-    tf.keras.utils.set_random_seed(11)
     config = load_config(None, TINY_OVERRIDES)
-    detector = build_detector(config.model)
-    build_variables(detector)
-    # The export's RoI Align, so in-process and served outputs come from the same graph.
-    detector.roi_align_fn = roi_align_3d
     model_dir = tmp_path_factory.mktemp("model_dir")
-    save_config(config, str(model_dir / "config.yaml"))
-    tf.train.Checkpoint(model=detector).save(str(model_dir / "ckpt"))
+    detector = write_model_dir(config, model_dir, seed=11)
 
     local_cache = tmp_path_factory.mktemp("cache")
     for n, uid in enumerate(UIDS):

@@ -18,9 +18,8 @@ from tf_agg3d.data.dicom_tfio import tfio_dicom_available
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "training"))
 from s3_env import S3Server  # noqa: E402
-from train_helpers import tiny_config_file, write_cache  # noqa: E402
+from support import tiny_config_file, write_cache  # noqa: E402
 
 pytest.importorskip("moto.server", reason="needs moto[server] (requirements/pinned.txt)")
 pytestmark = [

@@ -1,0 +1,201 @@
+"""Helpers shared by the test folders: tiny configs and models, cache sidecars, a toy cache.
+
+tests/conftest.py puts this folder on ``sys.path``, so a test in any folder below imports them
+with ``from support import ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import yaml
+
+from tf_agg3d.config import BackboneConfig, load_config
+from tf_agg3d.data import cache as cache_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+
+
+def subprocess_env(extra=None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+# A 32^3 crop and a backbone a few thousand parameters big: a step takes well under a second.
+TINY_YAML = """
+data:
+  crop_size: [32, 32, 32]
+  batch_size: 2
+  jitter_mm: 4.0
+  num_parallel_calls: 1
+  prefetch: 1
+model:
+  backbone:
+    preblock_filters: 4
+    growth_rate: 4
+    layers_per_block: 1
+    bottleneck_width: 1
+    transition_channels: [8, 8, 8]
+    detector_layers: 1
+    decoder_channels: 8
+    pyramid_channels: 8
+  fpr:
+    hidden_units: 8
+    magnify_stages: 1
+    magnify_layers_per_stage: 1
+    use_custom_op: false
+  proposals:
+    max_proposals: 4
+    pre_nms_top_k: 32
+inference:
+  window_batch_size: 4
+train:
+  max_steps: 4
+  learning_rate: 0.01
+  lr_schedule: constant
+  checkpoint_every_steps: 2
+  log_every_steps: 1
+  fpr_gt_copies: 1
+  val_max_scans: 0
+  abs_window_overlap: 0
+"""
+
+# The smallest real detector that still has every part (three levels, FPRN, magnification), as
+# load_config overrides: one 32^3 inference window, no proposal or mark dropped by its score.
+TINY_DETECTOR_OVERRIDES = [
+    "model.backbone.preblock_filters=4",
+    "model.backbone.growth_rate=4",
+    "model.backbone.transition_channels=[8,8,8]",
+    "model.backbone.pyramid_channels=8",
+    "model.backbone.decoder_channels=8",
+    "model.backbone.layers_per_block=1",
+    "model.backbone.detector_layers=1",
+    "model.fpr.hidden_units=8",
+    "model.fpr.magnify_stages=1",
+    "model.fpr.magnify_layers_per_stage=1",
+    "model.fpr.use_custom_op=false",
+    "model.proposals.score_threshold=0.0",
+    "model.proposals.max_proposals=4",
+    "inference.window_size=[32,32,32]",
+    "inference.overlap=8",
+    "inference.score_threshold=0.0",
+]
+
+# A backbone with three 8-channel pyramid levels, for the model tests that build it in-process.
+SMALL_BACKBONE = BackboneConfig(
+    preblock_filters=4,
+    growth_rate=4,
+    layers_per_block=1,
+    bottleneck_width=2,
+    transition_channels=(8, 8, 8),
+    detector_layers=1,
+    decoder_channels=8,
+    pyramid_channels=8,
+)
+
+
+def tiny_config_file(tmp_path, sections=None) -> str:
+    """Writes TINY_YAML to ``tmp_path/tiny.yaml``; returns the path.
+
+    Args:
+      sections: {section: {key: value}}; each updates (or adds) that top-level section.
+    """
+    settings = yaml.safe_load(TINY_YAML)
+    for name, values in (sections or {}).items():
+        settings.setdefault(name, {}).update(values)
+    path = os.path.join(str(tmp_path), "tiny.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(settings, f, default_flow_style=None, sort_keys=False)
+    return path
+
+
+def tiny_config(tmp_path, cache_dir, overrides=()):
+    return load_config(tiny_config_file(tmp_path), [f"data.cache_dir={cache_dir}", *overrides])
+
+
+def write_model_dir(config, model_dir, seed):
+    """Saves a detector of `config` with weights drawn from `seed` as a model directory.
+
+    The detector uses the export's pure-TF RoI Align, so in-process and served outputs come from
+    the same graph. Writes ``model_dir/config.yaml`` and ``model_dir/ckpt-1``; returns the detector.
+    """
+    import tensorflow as tf
+
+    from tf_agg3d.config import save_config
+    from tf_agg3d.inference.model_loading import build_variables
+    from tf_agg3d.models.builder import build_detector
+    from tf_agg3d.ops.roi_align import roi_align_3d
+
+    tf.keras.utils.set_random_seed(seed)
+    detector = build_detector(config.model)
+    build_variables(detector)
+    detector.roi_align_fn = roi_align_3d
+    save_config(config, os.path.join(str(model_dir), "config.yaml"))
+    tf.train.Checkpoint(model=detector).save(os.path.join(str(model_dir), "ckpt"))
+    return detector
+
+
+def keras_roundtrip(model, x, path):
+    """Checks that `model` rebuilds from its config and saves to the .keras file `path`; returns
+    (outputs of `model` on `x`, outputs of the model loaded back from `path`)."""
+    import keras
+
+    ref = model(x)
+    clone = type(model).from_config(model.get_config())
+    assert clone.get_config() == model.get_config()
+    model.save(path)
+    return ref, keras.saving.load_model(path)(x)
+
+
+def cache_meta(
+    uid,
+    shape,
+    *,
+    affine=None,
+    origin=(0.0, 0.0, 0.0),
+    nodules=(),
+    subset=0,
+    lung_mask="",
+    fill_hu=0,
+    source="test",
+) -> dict:
+    """A cache sidecar (README "Conventions") of a 1 mm scan; `affine` defaults to the identity."""
+    return {
+        "affine": np.eye(4).tolist() if affine is None else np.asarray(affine).tolist(),
+        "shape": list(shape),
+        "nodules": list(nodules),
+        "excluded": [],
+        "origin": list(origin),
+        "spacing": [1.0, 1.0, 1.0],
+        "direction": np.eye(3).ravel().tolist(),
+        "seriesuid": uid,
+        "subset": subset,
+        "lung_mask": lung_mask,
+        "hu_window": [-1200, 600],
+        "fill_hu": fill_hu,
+        "source": source,
+    }
+
+
+def write_cache(cache_dir, n_scans=3, shape=(40, 40, 40), seed=0):
+    """`n_scans` scans (subset i % 10) of -700 HU lungs with two bright 5-10 mm spheres each."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    for i in range(n_scans):
+        vol = np.full(shape, -700, np.int16)
+        nodules = []
+        for _ in range(2):
+            c = rng.uniform(8, np.asarray(shape) - 8)
+            d = float(rng.uniform(5, 10))
+            vol[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= (d / 2) ** 2] = 200
+            nodules.append({"z": float(c[0]), "y": float(c[1]), "x": float(c[2]), "d": d})
+        meta = cache_meta(f"scan{i}", shape, nodules=nodules, subset=i % 10)
+        cache_lib.write_entry(str(cache_dir), f"scan{i}", vol, meta)
+    return str(cache_dir)

@@ -358,18 +358,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(
-    path: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: ExperimentConfig | None = None,
 ) -> ExperimentConfig:
     """Loads an :class:`ExperimentConfig` from defaults, a YAML file and key=value overrides.
 
     Args:
       path: YAML file (local path or any `tf.io.gfile` URL), or None for the defaults.
       overrides: strings such as ``"data.batch_size=4"`` or ``"model.anchors.sizes=[[5,10]]"``.
+      base: the config the file and overrides apply to (default: the defaults), e.g. a
+        trained model's config.yaml.
 
     Raises:
       ConfigError: a file that cannot be read or parsed, an unknown key, a wrong type.
     """
-    data: dict = {}
+    data: dict = to_dict(base) if base is not None else {}
     if path:
         text = _read_text(path)
         try:
@@ -380,7 +384,7 @@ def load_config(
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data = loaded
+        data = _merge(data, loaded)
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value

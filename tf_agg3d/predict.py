@@ -22,7 +22,6 @@ from __future__ import annotations
 import sys
 import time
 
-import yaml
 from absl import app, flags, logging
 
 from tf_agg3d.utils.process import exit_after
@@ -43,42 +42,21 @@ flags.DEFINE_string("config", None, "YAML file merged over the model's config.ya
 flags.DEFINE_multi_string("set", [], "key=value config override, e.g. inference.overlap=16.")
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def build_config(model_dir: str, config_path: str | None, overrides, threshold, max_marks):
     """The experiment config: model config.yaml <- --config <- --set <- flags.
 
     Raises:
       ConfigError, FileNotFoundError: an unreadable or invalid file / override.
     """
-    from tf_agg3d import config as cfg
+    from tf_agg3d.config import load_config
     from tf_agg3d.inference.model_loading import load_model_config
 
-    data = cfg.to_dict(load_model_config(model_dir))
-    if config_path:
-        loaded = yaml.safe_load(cfg._read_text(config_path)) or {}
-        if not isinstance(loaded, dict):
-            raise cfg.ConfigError(f"{config_path}: top level must be a mapping of sections")
-        data = _merge(data, loaded)
     overrides = list(overrides)
     if threshold is not None:
         overrides.append(f"inference.score_threshold={threshold!r}")
     if max_marks is not None:
         overrides.append(f"inference.max_marks={max_marks}")
-    for text in overrides:
-        keys, value = cfg.parse_override(text)
-        for key in reversed(keys):
-            value = {key: value}
-        data = _merge(data, value)
-    return cfg.from_dict(cfg.ExperimentConfig, data)
+    return load_config(config_path, overrides, base=load_model_config(model_dir))
 
 
 def _jobs(cache, seriesuids, scans):

@@ -12,14 +12,15 @@ atomically::
 
 (cache voxels / mm, like the sidecar's nodules).
 
-The scan loop here is deliberately simple (sliding windows of the training crop size over the
-cache volume, padded with the scan's ``fill_hu``; per window ``features -> rpn -> propose``,
-plus ``classify`` when the FPRN exists; one 3D NMS over the scan). The same loop gives the
-validation summaries (sensitivity and false positives per scan on a few held-out scans).
+The scans are searched by the same whole-scan graph as ``predict``
+(:class:`~tf_agg3d.inference.whole_scan.WholeScanDetector`) with windows of the training crop
+size, each scan padded with its own ``fill_hu``. The same search gives the validation summaries
+(sensitivity and false positives per scan on a few held-out scans).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -29,71 +30,49 @@ import tensorflow as tf
 from tf_agg3d.config import ExperimentConfig
 from tf_agg3d.data import cache as cache_lib
 from tf_agg3d.data.pipeline import ABS_FORMAT, Scan
-from tf_agg3d.ops.nms import nms_3d
+from tf_agg3d.inference.whole_scan import WholeScanDetector
 from tf_agg3d.utils import io as uio
 
 ABS_FILE = "abs_hard_negatives.json"
 
 
-def window_starts(size: int, window: int, overlap: int) -> list[int]:
-    """Window starts along one axis of `size` voxels (padded to one window when shorter)."""
-    size = max(size, window)
-    step = window - overlap
-    starts = list(range(0, size - window + 1, step))
-    if starts[-1] != size - window:
-        starts.append(size - window)
-    return starts
-
-
 class ScanScorer:
-    """Detections of whole cache volumes by a (training) detector.
+    """Whole-scan detections of cache volumes by a (training) detector.
+
+    A thin layer over :class:`~tf_agg3d.inference.whole_scan.WholeScanDetector`, the code
+    that ``predict`` and the SavedModel run, with windows of the training crop size; it adds
+    what training needs: the padding value of each scan (from its sidecar) and NumPy results.
 
     Args:
       model: the detector (``features``, ``rpn``, ``propose``, ``classify``).
-      window: (d, h, w) window side, multiples of 16 (the training crop size).
+      config: the experiment config (``data.crop_size`` is the window, ``inference`` the rest).
       overlap: voxels shared by neighbouring windows.
-      nms_iou: IoU of the scan-level NMS.
+      proposal_threshold: RPN probability a proposal must exceed.
       max_detections: detections kept per scan.
       use_fpr: score = mean(RPN, FPRN probability); else the RPN probability.
-      batch_size: windows per forward pass (the last batch is topped up with copies).
-      proposal_threshold: RPN probability a proposal must exceed (None: the model's
-        ``proposals.score_threshold``).
     """
 
     def __init__(
         self,
         model,
-        window: Sequence[int],
+        config: ExperimentConfig,
         overlap: int,
-        nms_iou: float,
+        proposal_threshold: float,
         max_detections: int = 100,
         use_fpr: bool = True,
-        batch_size: int = 1,
-        proposal_threshold: float | None = None,
     ):
         self.model = model
-        self.proposal_threshold = proposal_threshold
-        self.batch_size = max(1, int(batch_size))
-        self.window = tuple(int(n) for n in window)
-        self.overlap = int(overlap)
-        self.nms_iou = float(nms_iou)
-        self.max_detections = int(max_detections)
         self.use_fpr = bool(use_fpr) and getattr(model, "fpr_head", None) is not None
-        self._forward = tf.function(self._forward_impl, reduce_retracing=True)
-
-    def _forward_impl(self, crop):
-        feats = self.model.features(crop, training=False)
-        logits, deltas = self.model.rpn(feats, training=False)
-        props = self.model.propose(
-            logits, deltas, self.window, score_threshold=self.proposal_threshold
+        self.inference = dataclasses.replace(
+            config.inference,
+            window_size=tuple(int(n) for n in config.data.crop_size),
+            overlap=int(overlap),
+            score_threshold=float(proposal_threshold),
+            max_marks=int(max_detections),
+            max_proposals_per_scan=max(config.inference.max_proposals_per_scan, max_detections),
         )
-        scores = props["rpn_scores"]
-        if self.use_fpr:
-            fpr = self.model.classify(
-                feats, props["boxes"], props["levels"], props["valid"], training=False
-            )
-            scores = 0.5 * (scores + tf.sigmoid(fpr))
-        return props["boxes"], scores, props["valid"]
+        # One traced graph per padding value (a cache normally has one).
+        self._detectors: dict[float, WholeScanDetector] = {}
 
     def detect(self, volume: np.ndarray, fill_hu: float) -> tuple[np.ndarray, np.ndarray]:
         """Detections of one scan.
@@ -105,34 +84,13 @@ class ScanScorer:
         Returns:
           (float32 [N, 4] boxes (z, y, x, d) in cache voxels, float32 [N] scores), best first.
         """
-        shape = volume.shape
-        padded_shape = [max(n, w) for n, w in zip(shape, self.window, strict=True)]
-        padded = np.full(padded_shape, fill_hu, np.float32)
-        padded[: shape[0], : shape[1], : shape[2]] = volume
-        starts = [
-            window_starts(n, w, self.overlap) for n, w in zip(shape, self.window, strict=True)
-        ]
-        origins = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
-        wd, wh, ww = self.window
-        all_boxes, all_scores = [], []
-        for first in range(0, len(origins), self.batch_size):
-            chunk = origins[first : first + self.batch_size]
-            padded_chunk = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
-            crops = np.stack(
-                [padded[z : z + wd, y : y + wh, x : x + ww] for z, y, x in padded_chunk]
-            )[..., None]
-            boxes, scores, valid = (t.numpy() for t in self._forward(tf.constant(crops)))
-            for j, origin in enumerate(chunk):
-                b = boxes[j][valid[j]]
-                b[:, :3] += np.asarray(origin, np.float32)
-                all_boxes.append(b)
-                all_scores.append(scores[j][valid[j]])
-        boxes = np.concatenate(all_boxes, 0).astype(np.float32).reshape(-1, 4)
-        scores = np.concatenate(all_scores, 0).astype(np.float32)
-        if len(scores) == 0:
-            return boxes, scores
-        keep = nms_3d(boxes, scores, self.nms_iou, self.max_detections).numpy()
-        return boxes[keep], scores[keep]
+        fill = float(fill_hu)
+        if fill not in self._detectors:
+            self._detectors[fill] = WholeScanDetector(
+                self.model, self.inference, fill_hu=fill, use_fpr=self.use_fpr
+            )
+        out = self._detectors[fill].detect(tf.convert_to_tensor(np.asarray(volume)))
+        return out["boxes"].numpy(), out["scores"].numpy()
 
 
 def inside_any(centres: np.ndarray, spheres: np.ndarray) -> np.ndarray:
@@ -257,14 +215,12 @@ def run_abs(
     t = config.train
     scorer = ScanScorer(
         model,
-        config.data.crop_size,
+        config,
         t.abs_window_overlap,
-        config.model.proposals.nms_iou,
-        max_detections=max(t.abs_max_per_scan * 4, 100),
-        batch_size=config.inference.window_batch_size,
         # Final score = mean(RPN, FPRN): a hard negative may have an RPN probability below
         # the ABS threshold, but never below the detector's own proposal threshold.
         proposal_threshold=min(t.abs_score_threshold, config.model.proposals.score_threshold),
+        max_detections=max(t.abs_max_per_scan * 4, 100),
     )
     entries = find_hard_negatives(
         scorer, train_scans, config.data.cache_dir, t.abs_score_threshold, t.abs_max_per_scan, log

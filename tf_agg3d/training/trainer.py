@@ -25,8 +25,11 @@ replica's loss is its own sums over the *global* counts; the gradients are then 
 these losses is exactly the single-device loss of the global batch, for every loss in the
 package (all are linear in their sums once the counts are fixed) — except OHEM's choice of
 hard negatives, which is made per replica. BatchNormalization statistics are per replica
-unless ``model.backbone.sync_batch_norm`` is set. The Python side of the loop reads one scalar
-per step (NaN/Inf check), logs, writes TensorBoard summaries and checkpoints.
+unless ``model.backbone.sync_batch_norm`` is set; then
+:class:`~tf_agg3d.layers.sync_batch_norm.SyncBatchNormalization` normalises with the moments of
+the global batch and the update is the single-device one to float rounding. The Python side of
+the loop reads one scalar per step (NaN/Inf check), logs, writes TensorBoard summaries and
+checkpoints.
 
 Everything that varies along a run is a function of the checkpointed step: the learning rate,
 the adaptive focal loss's T, the alternating schedule and the position in the crop stream
@@ -160,6 +163,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._is_setup = False
         self._step_fns: dict[str, tf.types.experimental.GenericFunction] = {}
+        self._val_scorer: abs_lib.ScanScorer | None = None
         self.crop = tuple(int(n) for n in config.data.crop_size)
         self.replicas = self.strategy.num_replicas_in_sync
 
@@ -491,15 +495,15 @@ class Trainer:
         scans = self.val_scans[: t.val_max_scans]
         if not scans or not self.chief:
             return None
-        scorer = abs_lib.ScanScorer(
-            self.model,
-            self.crop,
-            t.abs_window_overlap,
-            self.config.model.proposals.nms_iou,
-            use_fpr=self._uses_fpr(),
-            batch_size=self.config.inference.window_batch_size,
-        )
-        return abs_lib.evaluate_scans(scorer, scans, self.config.data.cache_dir)
+        if self._val_scorer is None:
+            self._val_scorer = abs_lib.ScanScorer(
+                self.model,
+                self.config,
+                t.abs_window_overlap,
+                self.config.model.proposals.score_threshold,
+                use_fpr=self._uses_fpr(),
+            )
+        return abs_lib.evaluate_scans(self._val_scorer, scans, self.config.data.cache_dir)
 
     def run(self) -> dict:
         """Runs the phase to its end (or the ``abs`` phase); returns the final summary.

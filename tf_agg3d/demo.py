@@ -8,7 +8,8 @@ it, so the demo also proves the CLIs. Re-running resumes: finished scans are ski
 training resumes from its checkpoints.
 
 Usage:
-  python -m tf_agg3d.demo --out demo_out [--n-scans 20] [--seed 0] [--test-subsets 0,1]
+  python -m tf_agg3d.demo --out demo_out [--n-scans 30] [--seed 0] [--test-subsets 0,1] \
+      [--min-froc 0.5]
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ from tf_agg3d.utils.io import atomic_write_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "demo_out", "Folder for every artefact of the demo.")
-flags.DEFINE_integer("n_scans", 20, "Synthetic scans to generate (spread over subset0..9).")
+flags.DEFINE_integer("n_scans", 30, "Synthetic scans to generate (spread over subset0..9).")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
 flags.DEFINE_list("test_subsets", ["0", "1"], "LUNA16 subsets held out for prediction/evaluation.")
 flags.DEFINE_string("config", "configs/demo_cpu.yaml", "Training config.")
 flags.DEFINE_integer("rpn_steps", 0, "Phase-1 steps (0: the config's).")
 flags.DEFINE_integer("joint_steps", 0, "Joint-phase steps (0: the config's).")
+flags.DEFINE_float(
+    "min_froc", 0.0, "Exit with status 1 when the held-out FROC is below this (CI's guard)."
+)
 
 
 def _uids_by_subset(cache: str) -> dict[int, list[str]]:
@@ -91,6 +95,10 @@ def main(argv):
             indent=1,
         )
     )
+    if summary["froc_score"] < FLAGS.min_froc:
+        raise SystemExit(
+            f"held-out FROC {summary['froc_score']:.3f} is below --min-froc {FLAGS.min_froc}"
+        )
 
 
 if __name__ == "__main__":

@@ -284,3 +284,51 @@ def test_predict_scan_reads_preprocesses_and_maps_back_into_the_scan(tmp_path):
         extent = np.array(scan.shape) * np.asarray(scan.spacing)[::-1]
         assert np.all(back > -1.0) and np.all(back < extent + 32.0)
     assert summary["flipped_uids"], "the case must include a flipped scan"
+
+
+def test_predict_scan_with_the_luna16_mask_equals_the_cache_path(tmp_path):
+    from tf_agg3d.data.preprocess_runner import ScanJob, preprocess_one
+    from tf_agg3d.data.synthetic import generate_dataset
+
+    root = tmp_path / "luna"
+    summary = generate_dataset(str(root), 2, seed=5, shape=(24, 96, 96))
+    config = load_config(None, [*TINY, "inference.score_threshold=0.0", "inference.max_marks=7"])
+    predictor = Predictor(detector=build_detector(config.model), config=config)
+    for uid in summary["uids"]:
+        path = str(root / f"subset{summary['subset'][uid]}" / f"{uid}.mhd")
+        mask = str(root / "seg-lungs-LUNA16" / f"{uid}.mhd")
+        # The cache entry of the same scan and mask (no annotations, as prediction has none).
+        job = ScanJob(uid=uid, scan_path=path, subset=None, mask_path=mask)
+        assert preprocess_one(job, str(tmp_path / "cache"), config.preprocess).ok
+        _, direct = predictor.predict_scan(path, mask)
+        cached = predictor.predict_cache_entry(str(tmp_path / "cache"), uid)
+        assert len(direct) == len(cached) > 0
+        for a, b in zip(direct, cached, strict=True):
+            np.testing.assert_allclose(
+                [a.x, a.y, a.z, a.probability], [b.x, b.y, b.z, b.probability], atol=1e-5
+            )
+
+
+@pytest.mark.slow
+def test_cli_on_a_luna16_root_with_subsets_and_a_missing_seriesuid(tmp_path):
+    from tf_agg3d.data.synthetic import generate_dataset
+
+    model_dir, _, _ = _model_dir(tmp_path, ["preprocess.crop_margin_mm=2"])
+    root = tmp_path / "luna"
+    summary = generate_dataset(str(root), 3, seed=3, shape=(24, 96, 96))
+    first, second = summary["uids"][:2]
+    subset = summary["subset"][first]
+    uids = tmp_path / "uids.csv"
+    uids.write_text(f"{first}\n{second}\n1.2.3.missing\n")
+    out = tmp_path / "luna.csv"
+    proc = _cli(
+        "--model-dir", model_dir, "--luna-root", str(root), "--subsets", str(subset),
+        "--seriesuids", str(uids), "--out", str(out), "--threshold", "0", "--max-marks", "3",
+    )  # fmt: skip
+    # The second scan is in another subset and the third nowhere: both fail, the first is kept.
+    assert summary["subset"][second] != subset
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert {r[0] for r in _rows(out)[1:]} == {first}
+    assert f"no subset*/{second}.mhd" in proc.stderr and "1.2.3.missing" in proc.stderr
+    proc = _cli("--model-dir", model_dir, "--subsets", "0", "--scan", "x.mhd", "--out", str(out))
+    assert proc.returncode != 0 and "--subsets needs --luna-root" in proc.stderr

@@ -196,21 +196,26 @@ class Predictor:
         volume = cache.read_volume(cache_dir, uid)
         return self.predict_volume(volume, meta["affine"])
 
-    def predict_scan(self, path: str) -> tuple[str, list[Finding]]:
-        """Reads, preprocesses (threshold lung mask) and predicts one scan.
+    def predict_scan(
+        self, path: str, lung_mask_path: str | None = None
+    ) -> tuple[str, list[Finding]]:
+        """Reads, preprocesses and predicts one scan.
 
         Args:
           path: an `.mhd`/`.mha`/NIfTI/NRRD file or a DICOM series folder.
+          lung_mask_path: its lung mask (a LUNA16 `seg-lungs-LUNA16/<uid>.mhd`), or None for
+            the threshold lung segmentation.
 
         Returns:
           (seriesuid from the file/folder name, findings in world mm).
 
         Raises:
-          DataError: an unreadable scan.
+          DataError: an unreadable scan or mask.
         """
-        from tf_agg3d.data.luna16 import read_scan
+        from tf_agg3d.data.luna16 import read_lung_mask, read_scan
         from tf_agg3d.data.preprocess import preprocess_scan
 
         scan = read_scan(path)
-        volume, meta = preprocess_scan(scan, None, self.config.preprocess)
+        mask = read_lung_mask(lung_mask_path) if lung_mask_path else None
+        volume, meta = preprocess_scan(scan, mask, self.config.preprocess)
         return scan_uid(path), self.predict_volume(volume, meta["affine"])

@@ -33,6 +33,8 @@ flags.DEFINE_integer("joint_steps", 0, "Joint-phase steps (0: the config's).")
 flags.DEFINE_float(
     "min_froc", 0.0, "Exit with status 1 when the held-out FROC is below this (CI's guard)."
 )
+for _name in ("n_scans", "test_subsets", "rpn_steps", "joint_steps", "min_froc"):
+    flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
 
 def _uids_by_subset(cache: str) -> dict[int, list[str]]:

@@ -14,7 +14,7 @@ import subprocess
 import textwrap
 
 import pytest
-from train_helpers import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
+from support import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
 
 EQUIVALENCE_SCRIPT = textwrap.dedent(
     """

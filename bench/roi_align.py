@@ -18,7 +18,9 @@ dispatch. Two timings per path:
   count: the per-use cost inside a compiled training step, without the Python dispatch.
 
 Like ``timeit``, the garbage collector is off while timing (a collection of TensorFlow's
-Python objects lands in random samples otherwise).
+Python objects lands in random samples otherwise). The two paths are timed interleaved, one
+sample of each in turn (alternating which goes first), so that a burst of load from elsewhere
+on a shared machine lands on both sides of a speed-up rather than on one.
 
     .venv/bin/python bench/roi_align.py [--repeats 15] [--warmup 3] [--loop 10]
 """
@@ -53,22 +55,26 @@ OUTPUT_SIZE = 2
 SAMPLING_RATIO = 2
 
 
-def _median_ms(fn, args, warmup: int, repeats: int, per_call: int = 1) -> float:
-    """Median wall time of fn(*args) in ms after warm-up calls (CPU ops run synchronously),
-    divided by `per_call` (iterations inside one call). The GC is off while timing."""
-    for _ in range(warmup):
-        fn(*args)
-    times = []
+def _median_ms(fns, args, warmup: int, repeats: int, per_call: int = 1) -> list[float]:
+    """Median wall times of each fn(*args) in ms after warm-up calls (CPU ops run synchronously),
+    divided by `per_call` (iterations inside one call). The functions are sampled interleaved,
+    the first one alternating; the GC is off while timing."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn(*args)
+    times: list[list[float]] = [[] for _ in fns]
     gc.collect()
     gc.disable()
     try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append((time.perf_counter() - t0) * 1e3 / per_call)
+        for rep in range(repeats):
+            order = range(len(fns)) if rep % 2 == 0 else reversed(range(len(fns)))
+            for k in order:
+                t0 = time.perf_counter()
+                fns[k](*args)
+                times[k].append((time.perf_counter() - t0) * 1e3 / per_call)
     finally:
         gc.enable()
-    return statistics.median(times)
+    return [statistics.median(t) for t in times]
 
 
 def _functions(impl, stride: int):
@@ -166,6 +172,13 @@ def main() -> None:
     args = parser.parse_args()
 
     have_op = custom_op_available()
+    # Timings per path, in the order of the tuples in `fns`: (name, iterations per call).
+    kinds = (
+        ("forward", 1),
+        ("fwd_bwd", 1),
+        ("forward_in_graph", args.loop),
+        ("fwd_bwd_in_graph", args.loop),
+    )
     rng = np.random.default_rng(0)
     rows = []
     for stride in STRIDES:
@@ -179,21 +192,17 @@ def main() -> None:
         for num_rois in NUM_ROIS:
             inputs = _inputs(rng, stride, num_rois)
             row = {"stride": stride, "map": CROP // stride, "rois": num_rois}
-            row["tf_function_call_floor_ms"] = _median_ms(
-                _nothing, inputs, args.warmup, args.repeats
+            (row["tf_function_call_floor_ms"],) = _median_ms(
+                [_nothing], inputs, args.warmup, args.repeats
             )
-            for name, (fwd, both, loop_fwd, loop_both) in fns.items():
-                for key, fn, per_call in (
-                    ("forward", fwd, 1),
-                    ("fwd_bwd", both, 1),
-                    ("forward_in_graph", loop_fwd, args.loop),
-                    ("fwd_bwd_in_graph", loop_both, args.loop),
-                ):
-                    row[f"{name}_{key}_ms"] = _median_ms(
-                        fn, inputs, args.warmup, args.repeats, per_call
-                    )
+            for k, (key, per_call) in enumerate(kinds):
+                medians = _median_ms(
+                    [fn[k] for fn in fns.values()], inputs, args.warmup, args.repeats, per_call
+                )
+                for name, ms in zip(fns, medians, strict=True):
+                    row[f"{name}_{key}_ms"] = ms
             if have_op:
-                for kind in ("forward", "fwd_bwd", "forward_in_graph", "fwd_bwd_in_graph"):
+                for kind, _ in kinds:
                     row[f"speedup_{kind}"] = row[f"pure_tf_{kind}_ms"] / row[f"custom_op_{kind}_ms"]
             rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
 

@@ -1,0 +1,98 @@
+"""Every benchmark in bench/ runs end to end with tiny settings and prints consistent JSON.
+
+These check that the benchmarks keep working as the code under them changes (their timings are
+meaningless at these settings): each runs as a subprocess, as `make bench` runs it, and its
+report must be complete and self-consistent (speed-ups equal the ratios of the times they come
+from, per-scan times equal windows x per-window time, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+from support import PYTHON, REPO, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def _run_bench(name: str, *args: str) -> str:
+    proc = subprocess.run(
+        [PYTHON, os.path.join(REPO, "bench", name), *args],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (
+        proc.returncode == 0
+    ), f"bench/{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_roi_align_bench_reports_every_case_and_consistent_speedups():
+    report = json.loads(
+        _run_bench("roi_align.py", "--repeats", "1", "--warmup", "1", "--loop", "2")
+    )
+    rows = report["results"]
+    assert [(r["stride"], r["rois"]) for r in rows] == [
+        (s, n) for s in (4, 8, 16) for n in (128, 512)
+    ]
+    paths = ("pure_tf", "custom_op") if report["custom_op"] else ("pure_tf",)
+    kinds = ("forward", "fwd_bwd", "forward_in_graph", "fwd_bwd_in_graph")
+    for row in rows:
+        assert row["map"] == 128 // row["stride"]
+        assert row["tf_function_call_floor_ms"] > 0
+        for path in paths:
+            for kind in kinds:
+                assert row[f"{path}_{kind}_ms"] > 0
+        if report["custom_op"]:
+            for kind in kinds:
+                ratio = row[f"pure_tf_{kind}_ms"] / row[f"custom_op_{kind}_ms"]
+                assert row[f"speedup_{kind}"] == pytest.approx(ratio, rel=0.02, abs=0.002)
+    if report["custom_op"]:
+        worst = min(r["speedup_fwd_bwd_in_graph"] for r in rows)
+        assert report["min_speedup_fwd_bwd_in_graph"] == worst
+        assert report["target_10x_fwd_bwd_in_graph_met"] == (worst >= 10.0)
+
+
+def test_inference_bench_per_scan_time_is_windows_times_per_window():
+    report = json.loads(_run_bench("inference.py", "--skip-paper", "--repeats", "1"))
+    (row,) = report["results"]
+    assert row["config"] == "demo_cpu"
+    assert row["timed_windows"] == row["scan_windows"] > 0
+    assert row["seconds_per_scan"] == pytest.approx(
+        row["seconds_per_window"] * row["scan_windows"], rel=0.05, abs=0.05
+    )
+    assert row["gflops_per_scan"] == pytest.approx(
+        row["gflops_per_window"] * row["scan_windows"], rel=0.01
+    )
+    assert row["flop_ops_not_counted"] == 0
+    assert report["peak_rss_mib"] > 0
+
+
+def test_preprocess_bench_times_both_lung_mask_paths():
+    report = json.loads(_run_bench("preprocess.py", "--repeats", "1"))
+    assert report["scan_shape_zyx"] == [300, 512, 512]
+    for path in ("luna16_mask", "threshold_fallback"):
+        entry = report[path]
+        assert entry["seconds_per_scan"] == pytest.approx(min(entry["runs"]), abs=0.01)
+        stages = entry["stages"]
+        assert stages["read_scan"] > 0 and stages["preprocess_scan"] > 0
+        # Only the LUNA16 path reads a mask file; the fallback computes one inside preprocess.
+        assert (stages["read_lung_mask"] > 0) == (path == "luna16_mask")
+        # 0.7 x 0.7 x 1.25 mm -> 1 mm isotropic, cropped to the lungs: smaller than the scan.
+        assert all(0 < c <= s for c, s in zip(stages["cache_shape"], (375, 359, 359), strict=True))
+        assert entry["nodules_in_sidecar"] == 4
+
+
+def test_input_pipeline_bench_headroom_is_supply_over_demand():
+    lines = _run_bench("input_pipeline.py", "--steps", "2", "--batches", "2").strip()
+    report = json.loads(lines.splitlines()[-1])
+    assert report["crops_per_s"] > 0 and report["train_steps_per_s"] > 0
+    consumed = report["train_steps_per_s"] * report["batch_size"]
+    assert report["crops_consumed_per_s"] == pytest.approx(consumed, abs=0.01)
+    assert report["pipeline_headroom"] == pytest.approx(report["crops_per_s"] / consumed, rel=0.01)

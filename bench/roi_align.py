@@ -16,6 +16,10 @@ dispatch. Two timings per path:
 * ``*_in_graph_ms``: ``--loop`` (default 10) iterations inside one tf.function (a
   ``tf.while_loop`` whose boxes depend on the iteration, so nothing is hoisted), divided by the
   count: the per-use cost inside a compiled training step, without the Python dispatch.
+* ``custom_op_one_roi_fwd_bwd_in_graph_ms``: the same in-graph forward+backward of the custom
+  op with a single RoI on the same map: what no kernel work can remove, i.e. zeroing the dense
+  [B, D, H, W, C] feature gradient (8 MiB at stride 4) and the loop body's other ops. The
+  custom op's time above it is its actual RoI work.
 
 Like ``timeit``, the garbage collector is off while timing (a collection of TensorFlow's
 Python objects lands in random samples otherwise). The two paths are timed interleaved, one
@@ -189,9 +193,18 @@ def main() -> None:
             name: (*_functions(impl, stride), *_looped(impl, stride, args.loop))
             for name, impl in paths.items()
         }
+        one_roi_ms = None
+        if have_op:
+            # Its own generator, so that the timed cases' inputs do not depend on it.
+            one_roi = _inputs(np.random.default_rng(1), stride, 1)
+            (one_roi_ms,) = _median_ms(
+                [fns["custom_op"][3]], one_roi, args.warmup, args.repeats, args.loop
+            )
         for num_rois in NUM_ROIS:
             inputs = _inputs(rng, stride, num_rois)
             row = {"stride": stride, "map": CROP // stride, "rois": num_rois}
+            if one_roi_ms is not None:
+                row["custom_op_one_roi_fwd_bwd_in_graph_ms"] = one_roi_ms
             (row["tf_function_call_floor_ms"],) = _median_ms(
                 [_nothing], inputs, args.warmup, args.repeats
             )

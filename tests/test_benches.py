@@ -50,6 +50,7 @@ def test_roi_align_bench_reports_every_case_and_consistent_speedups():
             for kind in kinds:
                 assert row[f"{path}_{kind}_ms"] > 0
         if report["custom_op"]:
+            assert row["custom_op_one_roi_fwd_bwd_in_graph_ms"] > 0
             for kind in kinds:
                 ratio = row[f"pure_tf_{kind}_ms"] / row[f"custom_op_{kind}_ms"]
                 assert row[f"speedup_{kind}"] == pytest.approx(ratio, rel=0.02, abs=0.002)

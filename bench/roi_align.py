@@ -82,7 +82,8 @@ def _median_ms(fns, args, warmup: int, repeats: int, per_call: int = 1) -> list[
 
 
 def _functions(impl, stride: int):
-    """tf.functions of the forward and of forward+backward (gradient w.r.t. the features)."""
+    """tf.functions of the forward and of forward+backward (the gradient w.r.t. the features of
+    the output against the `upstream` gradient, as a training step's backward pass gets it)."""
     kwargs = dict(
         output_size=OUTPUT_SIZE, sampling_ratio=SAMPLING_RATIO, spatial_scale=1.0 / stride
     )
@@ -97,8 +98,7 @@ def _functions(impl, stride: int):
         with tf.GradientTape() as tape:
             tape.watch(features)
             out = impl(features, boxes, box_indices, **kwargs)
-            loss = tf.reduce_sum(out * upstream)
-        return out, tape.gradient(loss, features)
+        return out, tape.gradient(out, features, output_gradients=upstream)
 
     return forward, forward_backward
 
@@ -108,7 +108,8 @@ def _looped(impl, stride: int, loop: int):
 
     The boxes move by 1e-6 voxel per iteration: the body depends on the loop counter, so no
     graph optimisation can hoist the RoI Align out of the loop, and the result is kept live
-    through the loop-carried sum.
+    through the loop-carried sum (a sum over the whole pooled output: the backward does not
+    read it, so it alone keeps the forward from being pruned).
     """
     kwargs = dict(
         output_size=OUTPUT_SIZE, sampling_ratio=SAMPLING_RATIO, spatial_scale=1.0 / stride
@@ -120,11 +121,11 @@ def _looped(impl, stride: int, loop: int):
             with tf.GradientTape() as tape:
                 tape.watch(features)
                 out = impl(features, b, box_indices, **kwargs)
-                loss = tf.reduce_sum(out * upstream)
+            kept = acc + tf.reduce_sum(out)
             if backward:
-                grad = tape.gradient(loss, features)
-                return i + 1, acc + loss + grad[0, 0, 0, 0, 0]
-            return i + 1, acc + loss
+                grad = tape.gradient(out, features, output_gradients=upstream)
+                return i + 1, kept + grad[0, 0, 0, 0, 0]
+            return i + 1, kept
 
         _, acc = tf.while_loop(lambda i, _: i < loop, body, (tf.constant(0), tf.constant(0.0)))
         return acc

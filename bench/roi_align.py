@@ -198,7 +198,7 @@ def main() -> None:
         if have_op:
             # Its own generator, so that the timed cases' inputs do not depend on it.
             one_roi = _inputs(np.random.default_rng(1), stride, 1)
-            (one_roi_ms,) = _median_ms(
+            (one_roi_ms,) = _median_ms(  # fns[...][3]: the in-graph fwd+bwd, as in `kinds`.
                 [fns["custom_op"][3]], one_roi, args.warmup, args.repeats, args.loop
             )
         for num_rois in NUM_ROIS:

@@ -40,9 +40,9 @@ import numpy as np
 import tensorflow as tf
 
 from tf_agg3d.config import ExperimentConfig, load_config
-from tf_agg3d.inference import sliding_window as sw
-from tf_agg3d.inference.whole_scan import VOLUME_SPECS, WholeScanDetector
 from tf_agg3d.models.builder import build_detector
+from tf_agg3d.models.whole_scan import VOLUME_SPECS, WholeScanDetector
+from tf_agg3d.ops import sliding_window as sw
 from tf_agg3d.ops.roi_align import roi_align_3d
 
 SCAN_SHAPE = (220, 300, 300)

@@ -49,7 +49,7 @@ def main() -> None:
     import tensorflow as tf
 
     from tf_agg3d.config import load_config
-    from tf_agg3d.data import pipeline
+    from tf_agg3d.dataloaders import input_pipeline as pipeline
     from tf_agg3d.training.trainer import Trainer
 
     tmp = tempfile.mkdtemp(prefix="bench_input_")

@@ -22,9 +22,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from tf_agg3d.config import PreprocessConfig
-from tf_agg3d.data import cache, luna16
-from tf_agg3d.data.preprocess import preprocess_scan
-from tf_agg3d.data.preprocess_runner import ScanJob, preprocess_one
+from tf_agg3d.data import cache
+from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+from tf_agg3d.data.preprocessing.runner import ScanJob, preprocess_one
+from tf_agg3d.data.readers import sitk as sitk_reader
 
 SHAPE_ZYX = (300, 512, 512)
 SPACING_XYZ = (0.7, 0.7, 1.25)
@@ -84,10 +85,10 @@ def _write(array: np.ndarray, path: str, compress: bool) -> None:
 def _stages(job: ScanJob, cache_dir: str, config: PreprocessConfig) -> dict:
     times = {}
     t = time.perf_counter()
-    scan = luna16.read_scan(job.scan_path)
+    scan = sitk_reader.read_scan(job.scan_path)
     times["read_scan"] = time.perf_counter() - t
     t = time.perf_counter()
-    mask = luna16.read_lung_mask(job.mask_path) if job.mask_path else None
+    mask = sitk_reader.read_lung_mask(job.mask_path) if job.mask_path else None
     times["read_lung_mask"] = time.perf_counter() - t
     t = time.perf_counter()
     volume, meta = preprocess_scan(scan, mask, config, job.nodules, seriesuid=job.uid)

@@ -129,8 +129,8 @@ def write_model_dir(config, model_dir, seed):
     import tensorflow as tf
 
     from tf_agg3d.config import save_config
-    from tf_agg3d.inference.model_loading import build_variables
     from tf_agg3d.models.builder import build_detector
+    from tf_agg3d.models.loading import build_variables
     from tf_agg3d.ops.roi_align import roi_align_3d
 
     tf.keras.utils.set_random_seed(seed)

@@ -7,9 +7,9 @@ Layers, lowest first (docs/architecture.md explains each room)::
       ``python -m tf_agg3d.<command>`` modules at the top level)
 
 A module may import modules of its own layer or below. Packages of one layer must not import
-each other in a circle, and no module may import one that imports it back. ``__main__``
-modules are entry points: they only hand ``python -m`` over to the CLI layer, so they may
-import from any layer.
+each other in a circle, and no module may import one that imports it back. Entry points are
+exempt: ``__main__`` modules and ``if __name__ == "__main__":`` blocks only hand ``python -m``
+over to the CLI layer, so they may import from any layer.
 """
 
 from __future__ import annotations
@@ -60,10 +60,27 @@ def _resolve(name: str) -> str | None:
     return name
 
 
+def _is_main_guard(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+        and any(
+            isinstance(c, ast.Constant) and c.value == "__main__" for c in node.test.comparators
+        )
+    )
+
+
 def _imports(module: str) -> set[str]:
-    """Every tf_agg3d module that `module` imports, at top level or inside functions."""
+    """Every tf_agg3d module that `module` imports, at top level or inside functions.
+
+    Imports under an ``if __name__ == "__main__":`` guard are the entry point's, not the
+    module's: they are left out.
+    """
     found = set()
     tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    tree.body = [node for node in tree.body if not _is_main_guard(node)]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -173,5 +190,9 @@ def test_the_walk_sees_imports_inside_functions():
     # training/abs.py imported the checkpoint layout inside a function; a walk of top-level
     # imports only would have missed the cycle that made.
     assert any(GRAPH.values())
-    inner = [m for m, path in MODULES.items() if "\n    from tf_agg3d" in path.read_text()]
+    inner = [
+        m
+        for m, path in MODULES.items()
+        if "\n    from tf_agg3d" in path.read_text(encoding="utf-8")
+    ]
     assert all(GRAPH[m] for m in inner)

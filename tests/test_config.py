@@ -56,3 +56,32 @@ def test_save_and_reload_round_trip(tmp_path):
     path = tmp_path / "out" / "config.yaml"
     save_config(c, str(path))
     assert to_dict(load_config(str(path))) == to_dict(c)
+
+
+def test_a_config_whose_two_hu_windows_differ_is_refused_naming_both_keys(tmp_path):
+    # The cache is clipped to preprocess.hu_window; the model normalises
+    # model.backbone.hu_window: one window, held in two sections, so they must agree.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["preprocess.hu_window=[-1000, 400]"])
+    assert "preprocess.hu_window" in str(err.value)
+    assert "model.backbone.hu_window" in str(err.value)
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  backbone:\n    hu_window: [-1000, 400]\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: preprocess\.hu_window .* must be equal"):
+        load_config(str(p))
+
+
+def test_equal_hu_windows_load():
+    c = load_config(
+        None, ["preprocess.hu_window=[-1000, 400]", "model.backbone.hu_window=[-1000, 400]"]
+    )
+    assert c.preprocess.hu_window == c.model.backbone.hu_window == (-1000.0, 400.0)
+
+
+def test_training_and_prediction_thresholds_and_caps_are_separate_settings():
+    # model.proposals.score_threshold (training's proposals) and inference.score_threshold
+    # (predict --threshold), inference.max_marks (findings written) and evaluation.max_marks
+    # (the FROC's official cap) are different settings: each is set on its own.
+    c = load_config(None, ["inference.score_threshold=0.0", "inference.max_marks=7"])
+    assert c.model.proposals.score_threshold == 0.269
+    assert c.evaluation.max_marks == 100

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.smoke
 _NEEDS_SERVING_API = (
     "tf_agg3d.serving.client",
     "tf_agg3d.serving.dev_server",
-    "tf_agg3d.serving.cli",
+    "tf_agg3d.serving.protos",
+    "tf_agg3d.serving.servables",
 )
 
 TINY = [

@@ -31,7 +31,8 @@ class PreprocessConfig:
     """How a raw CT becomes a cache volume (LUNA16 and any SimpleITK-readable scan)."""
 
     spacing_mm: float = 1.0
-    # DeepLung's window: HU in [-1200, 600] is the range the network sees.
+    # DeepLung's window: HU in [-1200, 600] is the range the network sees. It must equal
+    # model.backbone.hu_window (load_config refuses a config where they differ).
     hu_window: tuple[float, float] = (-1200.0, 600.0)
     # HU written outside the dilated lung mask (soft tissue), also the crop padding value.
     fill_hu: int = 0
@@ -108,7 +109,8 @@ class BackboneConfig:
     pyramid_channels: int = 32
     # Synchronized BatchNormalization across replicas (tf.distribute) instead of per-replica.
     sync_batch_norm: bool = False
-    # HU window the model's first layer maps to [0, 1]; keep equal to preprocess.hu_window.
+    # HU window the model's first layer maps to [0, 1]. The cache is clipped to
+    # preprocess.hu_window; load_config refuses a config where the two differ.
     hu_window: tuple[float, float] = (-1200.0, 600.0)
 
 
@@ -139,6 +141,9 @@ class FPRConfig:
 class ProposalConfig:
     """RPN decoding into proposals for the FPRN (per crop, training and inference)."""
 
+    # Training's threshold: RPN proposals above it feed the FPRN during training and the
+    # validation summaries (and it is Detector.propose's default). Whole-scan prediction uses
+    # inference.score_threshold instead (predict --threshold), a separate setting.
     score_threshold: float = 0.269
     pre_nms_top_k: int = 512
     nms_iou: float = 0.1
@@ -225,20 +230,30 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class InferenceConfig:
+    """Whole-scan prediction (predict, the exported model, the client)."""
+
     window_size: tuple[int, int, int] = (128, 128, 128)
     overlap: int = 32
     window_batch_size: int = 1
+    # RPN probability a finding needs (predict --threshold); training's proposal threshold is
+    # model.proposals.score_threshold.
     score_threshold: float = 0.269
     nms_iou: float = 0.1
+    # Most findings written per scan (predict --max-marks); what the FROC counts per scan is
+    # evaluation.max_marks.
     max_marks: int = 100
     max_proposals_per_scan: int = 300
 
 
 @dataclasses.dataclass
 class EvalConfig:
+    """FROC evaluation of a predictions CSV (evaluate)."""
+
     fp_rates: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     bootstrap: int = 1000
     seed: int = 0
+    # Marks per scan the FROC counts (the official LUNA16 rule: 100; evaluate --max-marks),
+    # whatever the predictions' producer wrote (inference.max_marks for ours).
     max_marks: int = 100
     tnp_sensitivity: float = 0.95
 
@@ -391,11 +406,43 @@ def load_config(
         for key in reversed(keys):
             nested = {key: nested}
         data = _merge(data, nested)
+    where = f"{path}: " if path else ""
     try:
-        return from_dict(ExperimentConfig, data)
+        config = from_dict(ExperimentConfig, data)
+        check_consistency(config)
     except ConfigError as err:
-        where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{err}") from None
+    return config
+
+
+# Settings two sections hold that must agree: (key, key, getter of each, why).
+_MUST_AGREE = (
+    (
+        "preprocess.hu_window",
+        "model.backbone.hu_window",
+        lambda c: tuple(c.preprocess.hu_window),
+        lambda c: tuple(c.model.backbone.hu_window),
+        "the model normalises the window its cache was clipped to",
+    ),
+)
+
+
+def check_consistency(config: ExperimentConfig) -> None:
+    """Refuses a config whose paired settings disagree.
+
+    ``preprocess.hu_window`` (the HU the cache is clipped to) and ``model.backbone.hu_window``
+    (the HU the network maps to [0, 1]) describe one window: a model whose window differs from
+    its cache's sees a range no voxel has, or never sees part of it.
+
+    Raises:
+      ConfigError: naming both keys and their values.
+    """
+    for key_a, key_b, get_a, get_b, why in _MUST_AGREE:
+        a, b = get_a(config), get_b(config)
+        if a != b:
+            raise ConfigError(
+                f"{key_a} {list(a)} and {key_b} {list(b)} must be equal ({why}): set both"
+            )
 
 
 def _read_text(path: str) -> str:

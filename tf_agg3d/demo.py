@@ -10,6 +10,8 @@ training resumes from its checkpoints.
 Usage:
   python -m tf_agg3d.demo --out demo_out [--n-scans 30] [--seed 0] [--test-subsets 0,1] \
       [--min-froc 0.5]
+
+Exit status: 0 done; 1 a step failed or the held-out FROC is below --min-froc; 2 a usage error.
 """
 
 from __future__ import annotations
@@ -17,24 +19,26 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
-from tf_agg3d.demo_common import predict_and_evaluate, run_step, train_phases
+from tf_agg3d.cli import exit as cli_exit
+from tf_agg3d.cli import flags as cli_flags
+from tf_agg3d.cli.demo_steps import predict_and_evaluate, run_step, train_phases
 from tf_agg3d.utils.io import atomic_write_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "demo_out", "Folder for every artefact of the demo.")
-flags.DEFINE_integer("n_scans", 30, "Synthetic scans to generate (spread over subset0..9).")
+flags.DEFINE_integer("n-scans", 30, "Synthetic scans to generate (spread over subset0..9).")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.")
-flags.DEFINE_list("test_subsets", ["0", "1"], "LUNA16 subsets held out for prediction/evaluation.")
-flags.DEFINE_string("config", "configs/demo_cpu.yaml", "Training config.")
-flags.DEFINE_integer("rpn_steps", 0, "Phase-1 steps (0: the config's).")
-flags.DEFINE_integer("joint_steps", 0, "Joint-phase steps (0: the config's).")
-flags.DEFINE_float(
-    "min_froc", 0.0, "Exit with status 1 when the held-out FROC is below this (CI's guard)."
+flags.DEFINE_list("test-subsets", ["0", "1"], "LUNA16 subsets held out for prediction/evaluation.")
+cli_flags.define_config_flags(
+    "Training config.", with_set=False, default_config="configs/demo_cpu.yaml"
 )
-for _name in ("n_scans", "test_subsets", "rpn_steps", "joint_steps", "min_froc"):
-    flags.DEFINE_alias(_name.replace("_", "-"), _name)
+flags.DEFINE_integer("rpn-steps", 0, "Phase-1 steps (0: the config's).")
+flags.DEFINE_integer("joint-steps", 0, "Joint-phase steps (0: the config's).")
+flags.DEFINE_float(
+    "min-froc", 0.0, "Exit with status 1 when the held-out FROC is below this (CI's guard)."
+)
 
 
 def _uids_by_subset(cache: str) -> dict[int, list[str]]:
@@ -47,11 +51,14 @@ def _uids_by_subset(cache: str) -> dict[int, list[str]]:
     return out
 
 
-def main(argv):
-    del argv
-    out = FLAGS.out
+def main(argv) -> int:
+    """The command's body (flags already parsed): returns the exit status."""
+    if len(argv) > 1:
+        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
+    opts = cli_flags.values()
+    out = opts.out
     raw, cache, model_dir = (os.path.join(out, p) for p in ("luna16", "cache", "model"))
-    test_subsets = {int(s) for s in FLAGS.test_subsets}
+    test_subsets = {int(s) for s in opts.test_subsets}
     timings = {}
     timings["generate"] = run_step(
         "generate",
@@ -60,9 +67,9 @@ def main(argv):
             "--out",
             raw,
             "--n-scans",
-            str(FLAGS.n_scans),
+            str(opts.n_scans),
             "--seed",
-            str(FLAGS.seed),
+            str(opts.seed),
         ],
     )
     timings["preprocess"] = run_step(
@@ -77,8 +84,8 @@ def main(argv):
         atomic_write_text(lists[name], "".join(f"{u}\n" for u in uids))
     print(f"{len(train_uids)} training scans, {len(test_uids)} held-out scans", flush=True)
 
-    steps = {"rpn": FLAGS.rpn_steps, "joint": FLAGS.joint_steps}
-    train_phases(FLAGS.config, model_dir, cache, lists["train"], steps, timings)
+    steps = {"rpn": opts.rpn_steps, "joint": opts.joint_steps}
+    train_phases(opts.config, model_dir, cache, lists["train"], steps, timings)
 
     summary, eval_dir = predict_and_evaluate(out, model_dir, cache, lists["test"], raw, timings)
     print("\n=== demo finished", flush=True)
@@ -97,11 +104,17 @@ def main(argv):
             indent=1,
         )
     )
-    if summary["froc_score"] < FLAGS.min_froc:
+    if summary["froc_score"] < opts.min_froc:
         raise SystemExit(
-            f"held-out FROC {summary['froc_score']:.3f} is below --min-froc {FLAGS.min_froc}"
+            f"held-out FROC {summary['froc_score']:.3f} is below --min-froc {opts.min_froc}"
         )
+    return cli_exit.OK
+
+
+def run() -> None:
+    """``agg3d-demo`` / ``python -m tf_agg3d.demo``."""
+    cli_exit.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -18,21 +18,23 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
-from tf_agg3d.demo_common import predict_and_evaluate, run_step, train_phases
+from tf_agg3d.cli import exit as cli_exit
+from tf_agg3d.cli import flags as cli_flags
+from tf_agg3d.cli.demo_steps import predict_and_evaluate, run_step, train_phases
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "demo_out/deeplesion", "Folder for every artefact of the demo.")
-flags.DEFINE_integer("n_series", 16, "Synthetic DeepLesion series to generate.", lower_bound=1)
+flags.DEFINE_integer("n-series", 16, "Synthetic DeepLesion series to generate.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic data.", lower_bound=0)
 flags.DEFINE_integer("size", 128, "Pixels per synthetic slice side (real data: 512).")
-flags.DEFINE_string("config", "configs/deeplesion_demo_cpu.yaml", "Training config.")
-flags.DEFINE_integer("rpn_steps", 0, "Phase-1 steps (0: the config's).")
-flags.DEFINE_integer("joint_steps", 0, "Joint-phase steps (0: the config's).")
+cli_flags.define_config_flags(
+    "Training config.", with_set=False, default_config="configs/deeplesion_demo_cpu.yaml"
+)
+flags.DEFINE_integer("rpn-steps", 0, "Phase-1 steps (0: the config's).")
+flags.DEFINE_integer("joint-steps", 0, "Joint-phase steps (0: the config's).")
 flags.DEFINE_integer("workers", 1, "Conversion worker processes.", lower_bound=1)
-for _name in ("n_series", "rpn_steps", "joint_steps"):
-    flags.DEFINE_alias(_name.replace("_", "-"), _name)
 
 
 def _fmt(value) -> str:
@@ -79,9 +81,12 @@ def breakdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    out = FLAGS.out
+def main(argv) -> int:
+    """The command's body (flags already parsed): returns the exit status."""
+    if len(argv) > 1:
+        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
+    opts = cli_flags.values()
+    out = opts.out
     raw, cache, model_dir = (os.path.join(out, p) for p in ("deeplesion", "cache", "model"))
     timings = {}
     timings["generate"] = run_step(
@@ -91,11 +96,11 @@ def main(argv):
             "--out",
             raw,
             "--n-series",
-            str(FLAGS.n_series),
+            str(opts.n_series),
             "--seed",
-            str(FLAGS.seed),
+            str(opts.seed),
             "--size",
-            str(FLAGS.size),
+            str(opts.size),
         ],
     )
     timings["preprocess"] = run_step(
@@ -107,9 +112,9 @@ def main(argv):
             "--out",
             cache,
             "--workers",
-            str(FLAGS.workers),
+            str(opts.workers),
             "--config",
-            FLAGS.config,
+            opts.config,
         ],
     )
     lists = {name: os.path.join(cache, f"{name}_seriesuids.csv") for name in ("train", "test")}
@@ -121,8 +126,8 @@ def main(argv):
             raise SystemExit(f"no {name} series in {path}: generate more series (--n-series)")
     print(f"{counts['train']} training series (split 1), {counts['test']} test (split 3)")
 
-    steps = {"rpn": FLAGS.rpn_steps, "joint": FLAGS.joint_steps}
-    train_phases(FLAGS.config, model_dir, cache, lists["train"], steps, timings)
+    steps = {"rpn": opts.rpn_steps, "joint": opts.joint_steps}
+    train_phases(opts.config, model_dir, cache, lists["train"], steps, timings)
 
     summary, eval_dir = predict_and_evaluate(
         out,
@@ -131,7 +136,7 @@ def main(argv):
         lists["test"],
         cache,
         timings,
-        ["--config", FLAGS.config, "--size_edges_mm", "10,30"],
+        ["--config", opts.config, "--size-edges-mm", "10,30"],
     )
     print("\n=== FROC on split 3 (LUNA16 criterion), by lesion type and diameter", flush=True)
     print(breakdown_table(summary), flush=True)
@@ -151,7 +156,13 @@ def main(argv):
         ),
         flush=True,
     )
+    return cli_exit.OK
+
+
+def run() -> None:
+    """``agg3d-demo-deeplesion`` / ``python -m tf_agg3d.demo_deeplesion``."""
+    cli_exit.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -15,7 +15,9 @@ threshold segmentation otherwise); `--cache` reads the preprocessed cache. The C
 ``seriesuid,coordX,coordY,coordZ,probability`` plus ``diameter_mm,rpn_score,fpr_score``, at most
 max-marks rows per scan, and is written atomically at the end. A scan that fails is logged and
 skipped; the exit status is 1 when any scan failed (or the CSV could not be written), 2 on a
-usage or model-loading error or a missing optional package.
+usage or model-loading error or a missing optional package. Progress lines go to stderr;
+``-v 0`` / ``--verbosity=0`` adds TensorFlow's INFO logging. Every flag also takes its
+underscore spelling (``--model_dir``, ``--max_marks``).
 
 Every path (--model-dir, --cache, --luna-root, --scan, --seriesuids, --config, --out) may be local or an
 ``s3://`` / ``gs://`` URL (README "Object storage"); ``s3://`` needs tensorflow-io.
@@ -23,16 +25,16 @@ Every path (--model-dir, --cache, --luna-root, --scan, --seriesuids, --config, -
 
 from __future__ import annotations
 
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags
 
-from tf_agg3d.utils.process import exit_after
+from tf_agg3d.cli import exit as cli_exit
+from tf_agg3d.cli import flags as cli_flags
+from tf_agg3d.cli.output import note
 
 FLAGS = flags.FLAGS
-# The issue spells the flags --model-dir / --max-marks; absl keeps dashes as written.
-flags.DEFINE_string("model-dir", None, "Model directory (config.yaml + checkpoints).")
+cli_flags.define_model_dir_flag("Model directory (config.yaml + checkpoints).")
 flags.DEFINE_string(
     "checkpoint", None, "Checkpoint name/number in --model-dir (default: the latest)."
 )
@@ -51,8 +53,10 @@ flags.DEFINE_multi_string("scan", None, "Scan file / DICOM folder / NIfTI to pre
 flags.DEFINE_string("out", None, "Output CSV.")
 flags.DEFINE_float("threshold", None, "RPN probability threshold (default: the config's).")
 flags.DEFINE_integer("max-marks", None, "Most findings per scan (default: the config's, 100).")
-flags.DEFINE_string("config", None, "YAML file merged over the model's config.yaml.")
-flags.DEFINE_multi_string("set", [], "key=value config override, e.g. inference.overlap=16.")
+cli_flags.define_config_flags(
+    "YAML file merged over the model's config.yaml.",
+    "key=value config override, e.g. inference.overlap=16.",
+)
 
 
 def build_config(model_dir: str, config_path: str | None, overrides, threshold, max_marks):
@@ -62,7 +66,7 @@ def build_config(model_dir: str, config_path: str | None, overrides, threshold, 
       ConfigError, FileNotFoundError: an unreadable or invalid file / override.
     """
     from tf_agg3d.config import load_config
-    from tf_agg3d.inference.model_loading import load_model_config
+    from tf_agg3d.models.loading import load_model_config
 
     overrides = list(overrides)
     if threshold is not None:
@@ -72,107 +76,65 @@ def build_config(model_dir: str, config_path: str | None, overrides, threshold, 
     return load_config(config_path, overrides, base=load_model_config(model_dir))
 
 
-def _missing(reason: str):
-    def job(predictor):
-        del predictor
-        raise FileNotFoundError(reason)
-
-    return job
-
-
-def _luna16_jobs(root, subsets, uids):
-    from tf_agg3d.data import luna16
-
-    scans = luna16.find_luna16_scans(root, subsets)
-    wanted = uids if uids is not None else list(scans)
-    jobs = []
-    for uid in wanted:
-        if uid not in scans:
-            where = f" in subsets {sorted(subsets)}" if subsets is not None else ""
-            jobs.append((uid, _missing(f"no subset*/{uid}.mhd under {root}{where}")))
-            continue
-        path, mask = scans[uid][0], luna16.find_lung_mask(root, uid)
-        jobs.append((uid, lambda p, path=path, mask=mask: p.predict_scan(path, mask)))
-    return jobs
+def _check_usage(opts) -> list[int] | None:
+    """Raises a usage error for a bad flag combination; returns the --subsets as ints."""
+    if not opts.model_dir or not opts.out:
+        raise cli_exit.UsageError("--model-dir and --out are required")
+    if sum(bool(v) for v in (opts.cache, opts.luna_root, opts.scan)) != 1:
+        raise cli_exit.UsageError("give exactly one of --cache, --luna-root or --scan")
+    if opts.seriesuids and not (opts.cache or opts.luna_root):
+        raise cli_exit.UsageError("--seriesuids needs --cache or --luna-root")
+    if opts.subsets and not opts.luna_root:
+        raise cli_exit.UsageError("--subsets needs --luna-root")
+    try:
+        return [int(k) for k in opts.subsets] if opts.subsets else None
+    except ValueError:
+        raise cli_exit.UsageError(f"--subsets must be integers 0..9, got {opts.subsets}") from None
 
 
-def _jobs(cache, luna_root, subsets, seriesuids, scans):
-    """[(label, callable(predictor) -> (uid, findings))] in prediction order."""
-    if scans:
-        return [(path, lambda p, path=path: p.predict_scan(path)) for path in scans]
-    from tf_agg3d.data import cache as cache_lib
-    from tf_agg3d.data.luna16_csv import read_seriesuids
-
-    uids = read_seriesuids(seriesuids) if seriesuids else None
-    if luna_root:
-        return _luna16_jobs(luna_root, subsets, uids)
-    uids = uids if uids is not None else cache_lib.list_uids(cache)
-    return [(uid, lambda p, uid=uid: (uid, p.predict_cache_entry(cache, uid))) for uid in uids]
-
-
-def run(argv) -> int:
-    del argv
-    import tensorflow as tf
-
-    from tf_agg3d.config import ConfigError
-    from tf_agg3d.data.errors import DataError
-    from tf_agg3d.data.luna16_csv import write_predictions
-    from tf_agg3d.inference.model_loading import CheckpointNotFoundError
-    from tf_agg3d.inference.predictor import Predictor
+def main(argv) -> int:
+    """The command's body (flags already parsed): returns the exit status."""
+    if len(argv) > 1:
+        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
+    opts = cli_flags.values()
+    subsets = _check_usage(opts)
     from tf_agg3d.utils.io import ensure_filesystems
 
-    if not FLAGS["model-dir"].value or not FLAGS.out:
-        raise app.UsageError("--model-dir and --out are required")
-    luna_root = FLAGS["luna-root"].value
-    if sum(bool(v) for v in (FLAGS.cache, luna_root, FLAGS.scan)) != 1:
-        raise app.UsageError("give exactly one of --cache, --luna-root or --scan")
-    if FLAGS.seriesuids and not (FLAGS.cache or luna_root):
-        raise app.UsageError("--seriesuids needs --cache or --luna-root")
-    if FLAGS.subsets and not luna_root:
-        raise app.UsageError("--subsets needs --luna-root")
+    # Before the model load: a missing tensorflow-io is reported at once, not after it.
+    ensure_filesystems(
+        opts.model_dir,
+        opts.cache,
+        opts.luna_root,
+        opts.out,
+        opts.seriesuids,
+        opts.config,
+        *(opts.scan or []),
+    )
+    import tensorflow as tf
+
+    from tf_agg3d.data.errors import DataError
+    from tf_agg3d.data.luna16.csv_io import write_predictions
+    from tf_agg3d.inference.jobs import prediction_jobs
+    from tf_agg3d.inference.predictor import Predictor
+
     try:
-        subsets = [int(k) for k in FLAGS.subsets] if FLAGS.subsets else None
-    except ValueError:
-        raise app.UsageError(f"--subsets must be integers 0..9, got {FLAGS.subsets}") from None
-    try:
-        # Before the model load: a missing tensorflow-io is reported at once, not after it.
-        ensure_filesystems(
-            FLAGS["model-dir"].value,
-            FLAGS.cache,
-            luna_root,
-            FLAGS.out,
-            FLAGS.seriesuids,
-            FLAGS.config,
-            *(FLAGS.scan or []),
+        config = build_config(opts.model_dir, opts.config, opts.set, opts.threshold, opts.max_marks)
+        predictor = Predictor(opts.model_dir, config=config, checkpoint=opts.checkpoint)
+        jobs = prediction_jobs(
+            cache=opts.cache,
+            luna_root=opts.luna_root,
+            subsets=subsets,
+            seriesuids=opts.seriesuids,
+            scans=opts.scan,
         )
-    except ImportError as err:  # MissingExtraError: s3:// without tensorflow-io
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        config = build_config(
-            FLAGS["model-dir"].value,
-            FLAGS.config,
-            FLAGS.set,
-            FLAGS.threshold,
-            FLAGS["max-marks"].value,
-        )
-        predictor = Predictor(FLAGS["model-dir"].value, config=config, checkpoint=FLAGS.checkpoint)
-        jobs = _jobs(FLAGS.cache, luna_root, subsets, FLAGS.seriesuids, FLAGS.scan)
-    except (ConfigError, CheckpointNotFoundError, FileNotFoundError, DataError, ValueError) as err:
-        logging.error("%s", err)
-        return 2
     except tf.errors.OpError as err:  # storage errors: permissions, an unreachable endpoint
-        logging.error("%s", err.message)
-        return 2
+        cli_exit.report(err)
+        return cli_exit.USAGE
     inf = config.inference
-    logging.info(
-        "predicting %d scan(s): windows %s overlap %d batch %d, threshold %.4g, max marks %d",
-        len(jobs),
-        "x".join(str(n) for n in inf.window_size),
-        inf.overlap,
-        inf.window_batch_size,
-        inf.score_threshold,
-        inf.max_marks,
+    note(
+        f"predicting {len(jobs)} scan(s): windows {'x'.join(str(n) for n in inf.window_size)} "
+        f"overlap {inf.overlap} batch {inf.window_batch_size}, threshold "
+        f"{inf.score_threshold:.4g}, max marks {inf.max_marks}"
     )
     rows, failed = [], []
     start = time.perf_counter()
@@ -181,41 +143,31 @@ def run(argv) -> int:
             uid, findings = job(predictor)
         except Exception as err:  # noqa: BLE001 - one bad scan must not stop the others
             failed.append(label)
-            logging.error("[%d/%d] %s FAILED: %s: %s", n, len(jobs), label, type(err).__name__, err)
+            note(f"[{n}/{len(jobs)}] {label} FAILED: {type(err).__name__}: {err}")
             continue
         stats = predictor.last_stats
-        logging.info(
-            "[%d/%d] %s: %d windows, %.1f s, %d findings",
-            n,
-            len(jobs),
-            uid,
-            stats.num_windows,
-            stats.seconds,
-            len(findings),
+        note(
+            f"[{n}/{len(jobs)}] {uid}: {stats.num_windows} windows, {stats.seconds:.1f} s, "
+            f"{len(findings)} findings"
         )
         rows.extend(f.as_row(uid) for f in findings)
     try:
-        write_predictions(FLAGS.out, rows)
+        write_predictions(opts.out, rows)
     except (DataError, OSError, tf.errors.OpError) as err:
-        logging.error("%s: cannot write the predictions: %s", FLAGS.out, err)
-        return 1
-    logging.info(
-        "wrote %d findings of %d scan(s) to %s in %.1f s; %d failed%s",
-        len(rows),
-        len(jobs) - len(failed),
-        FLAGS.out,
-        time.perf_counter() - start,
-        len(failed),
-        f": {', '.join(failed)}" if failed else "",
+        cli_exit.print_error("error", f"{opts.out}: cannot write the predictions: {err}")
+        return cli_exit.ITEMS_FAILED
+    note(
+        f"wrote {len(rows)} findings of {len(jobs) - len(failed)} scan(s) to {opts.out} in "
+        f"{time.perf_counter() - start:.1f} s; {len(failed)} failed"
+        + (f": {', '.join(failed)}" if failed else "")
     )
-    return 1 if failed else 0
+    return cli_exit.ITEMS_FAILED if failed else cli_exit.OK
 
 
-def main(argv):
-    # After S3 use the interpreter can abort at shutdown (utils/process.py); the status run
-    # returned must still be the process's.
-    exit_after(run(argv))
+def run() -> None:
+    """``agg3d-predict`` / ``python -m tf_agg3d.predict``."""
+    cli_exit.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

@@ -3,6 +3,8 @@
     python -m tf_agg3d.preprocess --luna-root DIR --out CACHE [--subsets 0,1] [--workers N]
         [--config YAML] [--set preprocess.crop_margin_mm=8] [--seriesuids FILE]
 
+Every flag also takes its underscore spelling (``--luna_root``).
+
 --luna-root and --out may be `s3://bucket/prefix` or `gs://...` URLs (README "Object storage").
 
 Exit status: 0 when every scan is cached (written now or before), 1 when any scan failed (the
@@ -14,21 +16,24 @@ from __future__ import annotations
 
 from absl import flags
 
-from tf_agg3d import cli_common
+from tf_agg3d.cli import exit as cli_exit
+from tf_agg3d.cli import flags as cli_flags
+from tf_agg3d.cli.output import report
 from tf_agg3d.config import PreprocessConfig
-from tf_agg3d.data.luna16_csv import read_seriesuids
-from tf_agg3d.data.preprocess_runner import RunSummary, run_preprocess
+from tf_agg3d.data.luna16.csv_io import read_seriesuids
+from tf_agg3d.data.preprocessing.runner import RunSummary, run_preprocess
 
 FLAGS = flags.FLAGS
-# The issue spells the flag --luna-root; absl keeps dashes in flag names as written.
 flags.DEFINE_string(
     "luna-root", None, "LUNA16 folder or s3://, gs:// URL (subset0..9/, seg-lungs-LUNA16/, CSVs)."
 )
 flags.DEFINE_string("out", None, "Cache folder or URL to write <seriesuid>.npy/.json into.")
 flags.DEFINE_list("subsets", None, "Subset numbers, e.g. 0,1 (default: all subset* folders).")
 flags.DEFINE_integer("workers", 1, "Worker processes.", lower_bound=1)
-flags.DEFINE_string("config", None, "YAML experiment config (its `preprocess` section is used).")
-flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. preprocess.fill_hu=-1000.")
+cli_flags.define_config_flags(
+    "YAML experiment config (its `preprocess` section is used).",
+    "Config override key=value, e.g. preprocess.fill_hu=-1000.",
+)
 flags.DEFINE_string("seriesuids", None, "File of seriesuids (one per line) to restrict to.")
 flags.DEFINE_string("annotations", None, "annotations.csv (default: found under --luna-root).")
 flags.DEFINE_string("excluded", None, "annotations_excluded.csv (default: found under the root).")
@@ -36,27 +41,37 @@ flags.mark_flags_as_required(["luna-root", "out"])
 
 
 def _convert(config: PreprocessConfig) -> RunSummary:
-    subsets = [int(s) for s in FLAGS.subsets] if FLAGS.subsets else None
-    uids = read_seriesuids(FLAGS.seriesuids) if FLAGS.seriesuids else None
+    opts = cli_flags.values()
+    subsets = [int(s) for s in opts.subsets] if opts.subsets else None
+    uids = read_seriesuids(opts.seriesuids) if opts.seriesuids else None
     return run_preprocess(
-        FLAGS["luna-root"].value,
-        FLAGS.out,
+        opts.luna_root,
+        opts.out,
         config,
         subsets=subsets,
         seriesuids=uids,
-        workers=FLAGS.workers,
-        annotations_path=FLAGS.annotations,
-        excluded_path=FLAGS.excluded,
-        report=cli_common.report,
+        workers=opts.workers,
+        annotations_path=opts.annotations,
+        excluded_path=opts.excluded,
+        report=report,
     )
 
 
 def main(argv: list[str]) -> int:
-    return cli_common.preprocess_main(argv, _convert)
+    """The command's body (flags already parsed): returns the exit status.
+
+    A bad configuration, a malformed CSV, a non-integer --subsets (ValueError) or a missing
+    tensorflow-io (ImportError) reach :func:`tf_agg3d.cli.exit.call`: status 2.
+    """
+    if len(argv) > 1:
+        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = _convert(cli_flags.load_config_from_flags().preprocess)
+    return cli_exit.items_status(summary.failed)
 
 
 def run() -> None:
-    cli_common.run_main(main)
+    """``agg3d-preprocess`` / ``python -m tf_agg3d.preprocess``."""
+    cli_exit.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":

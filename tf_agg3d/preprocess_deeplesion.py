@@ -5,11 +5,14 @@ r"""Converts DeepLesion into the cache (README "Conventions") plus LUNA16-style 
         [--dl-info PATH] [--keep-noisy] [--no-merge] [--large-mm 48] [--small-lesion-mm 10] \
         [--force]
 
+Every flag also takes its underscore spelling (``--dl_info``, ``--keep_noisy``); booleans take
+``--no-merge`` as well as absl's ``--nomerge``.
+
 DIR holds ``Images_png/<patient>_<study>_<series>/<NNN>.png`` and ``DL_info.csv``. CACHE gets
 one ``<series>.npy/.json`` per series folder, ``annotations.csv`` (with ``lesion_type``,
 ``split`` and ``large`` columns), an empty ``annotations_excluded.csv`` and
 ``{train,val,test}_seriesuids.csv``, ready for ``python -m tf_agg3d.evaluate``. Conventions
-(frame, merging, the small-lesion rule, border clipping): :mod:`tf_agg3d.data.deeplesion`.
+(frame, merging, the small-lesion rule, border clipping): docs/deeplesion.md.
 
 Exit status: 0 when every selected series is cached (now or before); 1 when any series or
 DL_info.csv row failed (each named with its file, line and field; the others are written);
@@ -20,19 +23,24 @@ from __future__ import annotations
 
 from absl import flags
 
-from tf_agg3d import cli_common
+from tf_agg3d.cli import exit as cli_exit
+from tf_agg3d.cli import flags as cli_flags
+from tf_agg3d.cli.output import report
 from tf_agg3d.config import PreprocessConfig
-from tf_agg3d.data.deeplesion import DeepLesionOptions, run_conversion
-from tf_agg3d.data.luna16_csv import read_seriesuids
-from tf_agg3d.data.preprocess_runner import RunSummary
+from tf_agg3d.data.deeplesion.conversion import run_conversion
+from tf_agg3d.data.deeplesion.lesions import DeepLesionOptions
+from tf_agg3d.data.luna16.csv_io import read_seriesuids
+from tf_agg3d.data.preprocessing.runner import RunSummary
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "DeepLesion folder (Images_png/, DL_info.csv).")
 flags.DEFINE_string("out", None, "Cache folder to write <series>.npy/.json and the CSVs into.")
 flags.DEFINE_list("splits", None, "Train_Val_Test values to convert, e.g. 1,2,3 (default all).")
 flags.DEFINE_integer("workers", 1, "Worker processes.", lower_bound=1)
-flags.DEFINE_string("config", None, "YAML experiment config (its `preprocess` section is used).")
-flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. preprocess.fill_hu=0.")
+cli_flags.define_config_flags(
+    "YAML experiment config (its `preprocess` section is used).",
+    "Config override key=value, e.g. preprocess.fill_hu=0.",
+)
 flags.DEFINE_string("seriesuids", None, "File of series folder names (one a line) to restrict to.")
 flags.DEFINE_string("dl-info", None, "DL_info.csv (default: ROOT/DL_info.csv).")
 flags.DEFINE_bool("keep-noisy", False, "Keep rows with Possibly_noisy = 1 (the paper drops them).")
@@ -46,36 +54,47 @@ flags.mark_flags_as_required(["root", "out"])
 
 
 def _convert(config: PreprocessConfig) -> RunSummary:
-    splits = [int(s) for s in FLAGS.splits] if FLAGS.splits else None
+    opts = cli_flags.values()
+    splits = [int(s) for s in opts.splits] if opts.splits else None
     if splits is not None and any(s not in (1, 2, 3) for s in splits):
-        raise ValueError(f"--splits must be values 1, 2, 3, got {FLAGS.splits}")
-    uids = read_seriesuids(FLAGS.seriesuids) if FLAGS.seriesuids else None
+        raise ValueError(f"--splits must be values 1, 2, 3, got {opts.splits}")
+    uids = read_seriesuids(opts.seriesuids) if opts.seriesuids else None
     options = DeepLesionOptions(
-        large_mm=FLAGS["large-mm"].value,
-        small_lesion_mm=FLAGS["small-lesion-mm"].value,
-        merge=FLAGS.merge,
-        keep_noisy=FLAGS["keep-noisy"].value,
+        large_mm=opts.large_mm,
+        small_lesion_mm=opts.small_lesion_mm,
+        merge=opts.merge,
+        keep_noisy=opts.keep_noisy,
     )
     return run_conversion(
-        FLAGS.root,
-        FLAGS.out,
+        opts.root,
+        opts.out,
         config,
         options,
         splits=splits,
         seriesuids=uids,
-        workers=FLAGS.workers,
-        force=FLAGS.force,
-        dl_info=FLAGS["dl-info"].value,
-        report=cli_common.report,
+        workers=opts.workers,
+        force=opts.force,
+        dl_info=opts.dl_info,
+        report=report,
     )
 
 
 def main(argv: list[str]) -> int:
-    return cli_common.preprocess_main(argv, _convert)
+    """The command's body (flags already parsed): returns the exit status.
+
+    A bad configuration, a DL_info.csv without the official header, bad --splits
+    (ValueError) or a missing optional package (ImportError) reach
+    :func:`tf_agg3d.cli.exit.call`: status 2.
+    """
+    if len(argv) > 1:
+        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
+    summary = _convert(cli_flags.load_config_from_flags().preprocess)
+    return cli_exit.items_status(summary.failed)
 
 
 def run() -> None:
-    cli_common.run_main(main)
+    """``agg3d-preprocess-deeplesion`` / ``python -m tf_agg3d.preprocess_deeplesion``."""
+    cli_exit.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":

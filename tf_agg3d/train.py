@@ -29,29 +29,32 @@ once per run.
 
 Exit status: 0 done; 2 bad configuration or data, or a missing optional package, found before
 any work; 1 a failure during training (e.g. a non-finite loss: the message names the last good
-checkpoint); 143 after SIGTERM (a checkpoint was saved first; rerun to resume).
+checkpoint); 143 after SIGTERM (a checkpoint was saved first; rerun to resume). Errors print as
+one ``kind: message`` line on stderr. Every flag also takes its underscore spelling
+(``--model_dir``, ``--max_steps``); ``-v 0`` / ``--verbosity=0`` adds TensorFlow's INFO logging.
 """
 
 from __future__ import annotations
 
-import sys
+from absl import flags
 
-from absl import app, flags
-
-from tf_agg3d.utils.process import exit_after
+from tf_agg3d.cli import exit as cli_exit
+from tf_agg3d.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS
-# The issue spells the flags --model-dir / --max-steps; absl keeps dashes as written.
-flags.DEFINE_string("config", None, "YAML experiment config (configs/*.yaml).")
-flags.DEFINE_string("model-dir", None, "Model directory: checkpoints, summaries, config.yaml.")
+cli_flags.define_config_flags(
+    "YAML experiment config (configs/*.yaml).",
+    "Config override key=value, e.g. data.batch_size=4.",
+)
+cli_flags.define_model_dir_flag(
+    "Model directory: checkpoints, summaries, config.yaml.", required=True
+)
 flags.DEFINE_string("cache", None, "Preprocessed cache folder (sets data.cache_dir).")
 flags.DEFINE_enum(
     "phase", None, ["rpn", "joint", "alternating", "abs"], "Phase (sets train.phase)."
 )
 flags.DEFINE_integer("fold", None, "Held-out LUNA16 subset 0..9, -1 for none (sets data.fold).")
 flags.DEFINE_integer("max-steps", None, "Phase length in steps (sets train.max_steps).")
-flags.DEFINE_multi_string("set", [], "Config override key=value, e.g. data.batch_size=4.")
-flags.mark_flags_as_required(["model-dir"])
 
 
 def resolve_config(config_path, overrides, cache=None, phase=None, fold=None, max_steps=None):
@@ -90,85 +93,71 @@ def _quote_path(override: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """The command's body (flags already parsed): returns the exit status."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from tf_agg3d.config import ConfigError
-    from tf_agg3d.data.errors import DataError
+        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
     from tf_agg3d.training.checks import validate_training_config
     from tf_agg3d.utils.io import ensure_filesystems
 
-    try:
-        # Before any work: a missing tensorflow-io is reported at once, in one line. The
-        # config's own paths (a cache set in the YAML, uid lists) are known once it is read.
-        ensure_filesystems(FLAGS["model-dir"].value, FLAGS.cache, FLAGS.config)
-        config = resolve_config(
-            FLAGS.config,
-            FLAGS.set,
-            cache=FLAGS.cache,
-            phase=FLAGS.phase,
-            fold=FLAGS.fold,
-            max_steps=FLAGS["max-steps"].value,
-        )
-        data = config.data
-        ensure_filesystems(
-            data.cache_dir,
-            data.train_seriesuids,
-            data.val_seriesuids,
-            data.abs_file,
-            config.train.init_checkpoint,
-        )
-        validate_training_config(config)
-    except (ConfigError, DataError) as err:
-        print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 2
-    except ImportError as err:  # MissingExtraError: s3:// without tensorflow-io
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+    opts = cli_flags.values()
+    # Before any work: a missing tensorflow-io, a bad config (ConfigError, DataError) are
+    # reported at once, in one line, with status 2 (tf_agg3d.cli.exit.call). The config's own
+    # paths (a cache set in the YAML, uid lists) are known once it is read.
+    ensure_filesystems(opts.model_dir, opts.cache, opts.config)
+    config = resolve_config(
+        opts.config,
+        opts.set,
+        cache=opts.cache,
+        phase=opts.phase,
+        fold=opts.fold,
+        max_steps=opts.max_steps,
+    )
+    data = config.data
+    ensure_filesystems(
+        data.cache_dir,
+        data.train_seriesuids,
+        data.val_seriesuids,
+        data.abs_file,
+        config.train.init_checkpoint,
+    )
+    validate_training_config(config)
 
     # The strategy comes first: MultiWorkerMirroredStrategy must exist before TensorFlow
     # initialises its devices (importing tensorflow does not initialise them).
     import tensorflow as tf
 
+    from tf_agg3d.data.errors import DataError
+    from tf_agg3d.training.loop import NonFiniteLossError, TrainingInterrupted, exit_code_for
     from tf_agg3d.training.strategy import make_strategy
-    from tf_agg3d.training.trainer import (
-        NonFiniteLossError,
-        Trainer,
-        TrainingInterrupted,
-        exit_code_for,
-    )
+    from tf_agg3d.training.trainer import Trainer
 
     try:
         strategy = make_strategy(config.train.distribute)
-        trainer = Trainer(config, FLAGS["model-dir"].value, strategy=strategy)
+        trainer = Trainer(config, opts.model_dir, strategy=strategy)
         trainer.setup()
     except (DataError, FileNotFoundError, ValueError) as err:
-        print(f"{type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return 2
+        cli_exit.report(err, type(err).__name__)
+        return cli_exit.USAGE
     except tf.errors.OpError as err:  # storage: permissions, an unreachable endpoint
-        print(f"{type(err).__name__}: {err.message}", file=sys.stderr, flush=True)
-        return 1
+        cli_exit.report(err)
+        return cli_exit.ITEMS_FAILED
     try:
         trainer.run()
     except tf.errors.OpError as err:  # storage failing mid-run; rerun to resume
-        print(f"{type(err).__name__}: {err.message}", file=sys.stderr, flush=True)
-        return 1
+        cli_exit.report(err)
+        return cli_exit.ITEMS_FAILED
     except TrainingInterrupted as err:
         print(f"training interrupted: {err}; rerun the same command to resume", flush=True)
         return exit_code_for(err)
     except NonFiniteLossError as err:
-        print(f"NonFiniteLossError: {err}", file=sys.stderr, flush=True)
+        cli_exit.report(err)
         return exit_code_for(err)
-    return 0
-
-
-def _main_then_exit(argv: list[str]) -> None:
-    # After S3 use the interpreter can abort at shutdown (utils/process.py); the status main
-    # returned must still be the process's.
-    exit_after(main(argv))
+    return cli_exit.OK
 
 
 def run() -> None:
-    app.run(_main_then_exit)
+    """``agg3d-train`` / ``python -m tf_agg3d.train``."""
+    cli_exit.run(main, doc=__doc__)
 
 
 if __name__ == "__main__":

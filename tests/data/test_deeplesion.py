@@ -13,8 +13,9 @@ from PIL import Image
 
 from tf_agg3d.config import PreprocessConfig
 from tf_agg3d.data import cache
-from tf_agg3d.data import deeplesion as dl
-from tf_agg3d.data.deeplesion_csv import DL_INFO_COLUMNS, read_dl_info
+from tf_agg3d.data.deeplesion.conversion import run_conversion
+from tf_agg3d.data.deeplesion.dl_info import DL_INFO_COLUMNS, read_dl_info
+from tf_agg3d.data.deeplesion.lesions import DeepLesionOptions, row_lesion, series_lesions
 from tf_agg3d.data.errors import DataError
 from tf_agg3d.evaluation.io import read_annotations
 
@@ -96,7 +97,7 @@ def _write_series(root, uid="000001_01_01", numbers=SLICES, blobs=()) -> str:
 def _convert(root, tmp_path, **kw):
     out = os.path.join(str(tmp_path), "cache")
     lines = []
-    summary = dl.run_conversion(str(root), out, PreprocessConfig(), report=lines.append, **kw)
+    summary = run_conversion(str(root), out, PreprocessConfig(), report=lines.append, **kw)
     return out, summary, lines
 
 
@@ -153,29 +154,29 @@ def test_black_borders_are_clipped_but_lesions_kept(tmp_path):
 
 
 def test_small_lesion_rule_and_large_flag():
-    opts = dl.DeepLesionOptions()
+    opts = DeepLesionOptions()
     # Small (8 mm long diameter), box long side 8 px = 6.4 mm: the box wins.
-    small_tight = dl.row_lesion(_parsed(_row(bbox=(40, 50, 48, 55), long_px=10.0)), 10, opts)
+    small_tight = row_lesion(_parsed(_row(bbox=(40, 50, 48, 55), long_px=10.0)), 10, opts)
     assert small_tight.diameter_mm == pytest.approx(6.4)
     # Small with a padded box (longer than the diameter): the diameter wins.
-    small_padded = dl.row_lesion(_parsed(_row(bbox=(40, 50, 60, 60), long_px=10.0)), 10, opts)
+    small_padded = row_lesion(_parsed(_row(bbox=(40, 50, 60, 60), long_px=10.0)), 10, opts)
     assert small_padded.diameter_mm == pytest.approx(8.0)
     # Not small (16 mm): the long diameter even when the box is shorter.
-    big = dl.row_lesion(_parsed(_row(bbox=(40, 50, 52, 56), long_px=20.0)), 10, opts)
+    big = row_lesion(_parsed(_row(bbox=(40, 50, 52, 56), long_px=20.0)), 10, opts)
     assert big.diameter_mm == pytest.approx(16.0)
-    large = dl.row_lesion(_parsed(_row(bbox=(10, 10, 80, 80), long_px=61.0)), 10, opts)
+    large = row_lesion(_parsed(_row(bbox=(10, 10, 80, 80), long_px=61.0)), 10, opts)
     assert large.diameter_mm == pytest.approx(48.8) and large.large
-    assert not dl.row_lesion(_parsed(_row(long_px=59.9)), 10, opts).large
+    assert not row_lesion(_parsed(_row(long_px=59.9)), 10, opts).large
 
 
 def _parsed(row: dict):
-    from tf_agg3d.data.deeplesion_csv import parse_row
+    from tf_agg3d.data.deeplesion.dl_info import parse_row
 
     return parse_row("DL_info.csv", 2, {k: str(v) for k, v in row.items()})
 
 
 def test_duplicates_are_merged_others_kept():
-    opts = dl.DeepLesionOptions()
+    opts = DeepLesionOptions()
     rows = [
         _parsed(_row(key=15, long_px=20.0, Coarse_lesion_type=4)),
         # The same lesion read again on the next slice, slightly longer.
@@ -185,14 +186,14 @@ def test_duplicates_are_merged_others_kept():
         _parsed(_row(key=15, bbox=(0, 0, 10, 10), long_px=8.0)),
         _parsed(_row(key=15, bbox=(44, 52, 52, 60), long_px=6.0)),
     ]
-    lesions = dl.series_lesions(rows, 10, opts)
+    lesions = series_lesions(rows, 10, opts)
     assert len(lesions) == 3
     merged = lesions[0]
     assert merged.lines == (2, 2, 2) and merged.key_slices == (15, 16, 15)
     np.testing.assert_allclose(merged.xyz, [50 * PX, 58 * PX, (15 + 16 + 15) / 3 * DZ - 10 * DZ])
     assert merged.diameter_mm == pytest.approx((20 + 22 + 24) / 3 * PX)
     assert merged.lesion_type == 4  # the most frequent type of its rows
-    assert len(dl.series_lesions(rows, 10, dl.DeepLesionOptions(merge=False))) == 5
+    assert len(series_lesions(rows, 10, DeepLesionOptions(merge=False))) == 5
 
 
 def test_noisy_rows_dropped_unless_kept(tmp_path):
@@ -212,7 +213,7 @@ def test_noisy_rows_dropped_unless_kept(tmp_path):
     assert len(cache.read_meta(out, "000001_01_01")["nodules"]) == 1
     assert any("000002_01_01" in line and "Possibly_noisy" in line for line in lines)
     out2, summary2, _ = _convert(
-        root, tmp_path / "keep", options=dl.DeepLesionOptions(keep_noisy=True)
+        root, tmp_path / "keep", options=DeepLesionOptions(keep_noisy=True)
     )
     assert sorted(summary2.ok) == ["000001_01_01", "000002_01_01"]
     assert len(cache.read_meta(out2, "000001_01_01")["nodules"]) == 2

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from tf_agg3d.config import PreprocessConfig
-from tf_agg3d.data import dicom_tfio, luna16
 from tf_agg3d.data.errors import DataError
-from tf_agg3d.data.preprocess import preprocess_scan
+from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+from tf_agg3d.data.readers import dicom_tfio
+from tf_agg3d.data.readers.sitk import read_scan
 from tf_agg3d.utils import io as uio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,8 +67,8 @@ class TestTfioReader:
     def test_matches_simpleitk_voxel_for_voxel(self, tmp_path, name):
         folder = str(tmp_path / name)
         write_ct_series(folder, _hu(), **SERIES[name])
-        ref = luna16.read_scan(folder, dicom_backend="sitk")
-        got = luna16.read_scan(folder, dicom_backend="tfio")
+        ref = read_scan(folder, dicom_backend="sitk")
+        got = read_scan(folder, dicom_backend="tfio")
         _assert_same_scan(got, ref)
         assert got.path == folder
         if name == "oblique_slope2":
@@ -78,7 +79,7 @@ class TestTfioReader:
     def test_slice_dataset_yields_hu_in_file_order(self, tmp_path):
         hu = _hu(1)
         paths = write_ct_series(tmp_path / "s", hu, slope=2.0, intercept=-1000.0)
-        ref = luna16.read_scan(str(tmp_path / "s"), dicom_backend="sitk").array
+        ref = read_scan(str(tmp_path / "s"), dicom_backend="sitk").array
         elements = list(dicom_tfio.slice_dataset(paths[::-1]).as_numpy_iterator())
         assert [e["path"].decode() for e in elements] == paths[::-1]
         assert all(e["ok"] for e in elements)
@@ -89,7 +90,7 @@ class TestTfioReader:
         paths = write_ct_series(folder, _hu(), spacing=(0.7, 0.8, 2.0), origin=(0, 0, -100.0))
         os.unlink(paths[4])
         with pytest.raises(DataError) as err:
-            luna16.read_scan(str(folder), dicom_backend="tfio")
+            read_scan(str(folder), dicom_backend="tfio")
         message = str(err.value)
         assert "1 slice(s) missing" in message and "4.000 mm" in message, message
         assert os.path.basename(paths[3]) in message and os.path.basename(paths[5]) in message
@@ -99,7 +100,7 @@ class TestTfioReader:
         paths = write_ct_series(folder, _hu())
         shutil.copy(paths[3], folder / "copy_of_slice_3.dcm")
         with pytest.raises(DataError, match="same position"):
-            luna16.read_scan(str(folder), dicom_backend="tfio")
+            read_scan(str(folder), dicom_backend="tfio")
 
     def test_file_without_pixel_data_is_named(self, tmp_path):
         folder = tmp_path / "nopixels"
@@ -113,7 +114,7 @@ class TestTfioReader:
         with open(paths[2], "wb") as f:
             f.write(raw[:cut])
         with pytest.raises(DataError) as err:
-            luna16.read_scan(str(folder), dicom_backend="tfio")
+            read_scan(str(folder), dicom_backend="tfio")
         assert paths[2] in str(err.value) and "cannot decode" in str(err.value)
 
     def test_non_dicom_file_is_named(self, tmp_path):
@@ -121,7 +122,7 @@ class TestTfioReader:
         write_ct_series(folder, _hu())
         (folder / "notes.dcm").write_bytes(b"not a DICOM file\n" * 40)
         with pytest.raises(DataError) as err:
-            luna16.read_scan(str(folder), dicom_backend="tfio")
+            read_scan(str(folder), dicom_backend="tfio")
         assert str(folder / "notes.dcm") in str(err.value)
 
     def test_hidden_files_and_dicomdir_are_ignored(self, tmp_path):
@@ -129,7 +130,7 @@ class TestTfioReader:
         write_ct_series(folder, _hu())
         (folder / ".DS_Store").write_bytes(b"\0" * 64)
         (folder / "DICOMDIR").write_bytes(b"\0" * 64)
-        got = luna16.read_scan(str(folder), dicom_backend="tfio")
+        got = read_scan(str(folder), dicom_backend="tfio")
         assert got.shape == SHAPE
 
     def test_largest_series_is_read_like_simpleitk(self, tmp_path):
@@ -140,14 +141,14 @@ class TestTfioReader:
             folder, _hu(4)[:3], seed=2, names=[f"scout{k}.dcm" for k in range(3)], origin=(0, 0, 0)
         )
         _assert_same_scan(
-            luna16.read_scan(str(folder), dicom_backend="tfio"),
-            luna16.read_scan(str(folder), dicom_backend="sitk"),
+            read_scan(str(folder), dicom_backend="tfio"),
+            read_scan(str(folder), dicom_backend="sitk"),
         )
 
     def test_single_slice_is_not_a_volume(self, tmp_path):
         write_ct_series(tmp_path / "one", _hu()[:1])
         with pytest.raises(DataError, match="need a 3D volume"):
-            luna16.read_scan(str(tmp_path / "one"), dicom_backend="tfio")
+            read_scan(str(tmp_path / "one"), dicom_backend="tfio")
 
     def test_both_backends_give_the_same_preprocessed_volume_and_affine(self, tmp_path, scans):
         spacing = (0.75, 0.7, 2.0)
@@ -164,7 +165,7 @@ class TestTfioReader:
         config = PreprocessConfig()
         results = {}
         for backend in ("sitk", "tfio"):
-            scan = luna16.read_scan(folder, dicom_backend=backend)
+            scan = read_scan(folder, dicom_backend=backend)
             results[backend] = preprocess_scan(scan, None, config, seriesuid="chest")
         (v_sitk, m_sitk), (v_tfio, m_tfio) = results["sitk"], results["tfio"]
         np.testing.assert_array_equal(v_tfio, v_sitk)
@@ -177,7 +178,7 @@ class TestTfioReader:
         calls = []
         real = dicom_tfio.read_dicom_series
         monkeypatch.setattr(dicom_tfio, "read_dicom_series", lambda p: calls.append(p) or real(p))
-        luna16.read_scan(folder)
+        read_scan(folder)
         assert calls == [folder]
 
 
@@ -188,7 +189,7 @@ def test_auto_falls_back_to_simpleitk_without_tfio(tmp_path, monkeypatch):
     monkeypatch.setattr(
         dicom_tfio, "read_dicom_series", lambda p: pytest.fail("tensorflow-io path taken")
     )
-    scan = luna16.read_scan(folder)
+    scan = read_scan(folder)
     assert scan.shape == SHAPE
 
 
@@ -198,21 +199,21 @@ def test_tfio_backend_without_tfio_names_the_extra(tmp_path, monkeypatch):
     # A None entry in sys.modules makes `import tensorflow_io` raise ImportError.
     monkeypatch.setitem(sys.modules, "tensorflow_io", None)
     with pytest.raises(ImportError, match=r"pip install tf_agg3d\[io\]"):
-        luna16.read_scan(folder, dicom_backend="tfio")
+        read_scan(folder, dicom_backend="tfio")
     with pytest.raises(ImportError, match=r"pip install tf_agg3d\[io\]"):
         uio.ensure_filesystem("s3://bucket/x")
 
 
 def test_unknown_backend_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="dicom_backend"):
-        luna16.read_scan(str(tmp_path), dicom_backend="gdcm")
+        read_scan(str(tmp_path), dicom_backend="gdcm")
 
 
 def test_package_imports_without_loading_tensorflow_io():
     code = (
         "import sys\n"
-        "import tf_agg3d.data.luna16, tf_agg3d.data.dicom_tfio, tf_agg3d.data.cache\n"
-        "import tf_agg3d.data.preprocess_runner, tf_agg3d.utils.io, tf_agg3d.utils.process\n"
+        "import tf_agg3d.data.readers.sitk, tf_agg3d.data.readers.dicom_tfio, tf_agg3d.data.cache\n"
+        "import tf_agg3d.data.preprocessing.runner, tf_agg3d.utils.io, tf_agg3d.utils.process\n"
         "assert 'tensorflow_io' not in sys.modules, 'tensorflow_io imported eagerly'\n"
     )
     done = subprocess.run(

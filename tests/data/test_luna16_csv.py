@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tf_agg3d.data import luna16_csv as lc
 from tf_agg3d.data.errors import DataError
+from tf_agg3d.data.luna16 import csv_io as lc
 
 ANNOTATIONS = """seriesuid,coordX,coordY,coordZ,diameter_mm
 1.3.6.1.a,-128.6994211,-175.3192718,-298.3875064,5.651470635
@@ -95,6 +95,16 @@ def test_read_seriesuids_with_and_without_header(tmp_path):
         lc.read_seriesuids(_write(tmp_path, "1.2\n1.3\n1.2\n"))
     with pytest.raises(DataError, match=r"line 1"):
         lc.read_seriesuids(_write(tmp_path, "1.2,0.5\n"))
+
+
+def test_seriesuid_header_rule_is_the_first_line_only(tmp_path):
+    # The one rule every caller shares: a first non-blank line "seriesuid" (any case) is a header.
+    path = _write(tmp_path, "\n SeriesUID \n1.2\n")
+    assert lc.read_seriesuids(path) == ["1.2"]
+    assert lc.read_seriesuids(path, keep_header=True) == ["SeriesUID", "1.2"]
+    assert lc.read_seriesuids(_write(tmp_path, "1.2\n"), keep_header=True) == ["1.2"]
+    with pytest.raises(DataError, match=r"line 2: seriesuid seriesuid repeats line 1"):
+        lc.read_seriesuids(_write(tmp_path, "seriesuid\nseriesuid\n"))
 
 
 def test_predictions_round_trip_with_extra_columns(tmp_path):

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from tf_agg3d.config import PreprocessConfig
-from tf_agg3d.data import cache, luna16
+from tf_agg3d.data import cache
 from tf_agg3d.data.errors import DataError
-from tf_agg3d.data.luna16_csv import Annotation
-from tf_agg3d.data.preprocess import preprocess_scan
+from tf_agg3d.data.luna16.csv_io import Annotation
+from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+from tf_agg3d.data.readers.sitk import read_lung_mask, read_scan
+from tf_agg3d.data.scan import voxel_to_world, world_to_voxel
 
 SHAPE = (48, 96, 96)
 SPHERE_D = 10.0
@@ -34,10 +36,10 @@ def _phantom(scans, tmp_path, geometry_name, sphere_offset_mm=(0.0, 0.0, 0.0)):
     mask_path = scans.write_mhd(
         tmp_path / "seg-lungs-LUNA16" / "u.mhd", labels, spacing, origin, direction, compress=True
     )
-    scan = luna16.read_scan(scan_path)
+    scan = read_scan(scan_path)
     zyx_index = centre_mm / np.array([sz, sy, sx])
-    world = luna16.voxel_to_world(scan, zyx_index)
-    return scan, luna16.read_lung_mask(mask_path), world
+    world = voxel_to_world(scan, zyx_index)
+    return scan, read_lung_mask(mask_path), world
 
 
 def _sphere_stats(volume, near_zyx, half=9):
@@ -82,9 +84,7 @@ def test_sphere_lands_on_its_annotation(scans, tmp_path, name):
     np.testing.assert_allclose(np.linalg.norm(a[:3, :3], axis=0), 1.0, atol=1e-9)
     np.testing.assert_allclose(a[:3, :3][:, ::-1], scan.direction, atol=1e-9)
     # The source geometry is recorded for world <-> source voxel maps.
-    np.testing.assert_allclose(
-        luna16.world_to_voxel(meta, world), luna16.world_to_voxel(scan, world)
-    )
+    np.testing.assert_allclose(world_to_voxel(meta, world), world_to_voxel(scan, world))
 
 
 def test_window_fill_and_crop(scans, tmp_path):

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from tf_agg3d.data import synthetic
+from tf_agg3d.data.synthetic import luna16 as synthetic
+from tf_agg3d.data.synthetic.writers import write_metaimage
 
 SEED = 7
 N_SCANS = 10
@@ -189,7 +190,7 @@ def test_explicit_geometry_round_trips(tmp_path):
     assert (origin, spacing, got_dir) == ((-150.25, -170.5, -222.0), (0.7, 0.7, 2.0), direction)
     assert len(nodules) == 1 and len(nodules[0]) == 4
     path = str(tmp_path / "one.mhd")
-    synthetic.write_metaimage(path, volume, origin, spacing, direction)
+    write_metaimage(path, volume, origin, spacing, direction)
     image, array = _read(path)
     assert image.GetOrigin() == origin and image.GetSpacing() == spacing
     assert image.GetDirection() == direction
@@ -243,7 +244,7 @@ def test_every_flip_writes_correct_world_annotations(tmp_path, flip):
     )
     assert len(scan.nodules) == 2
     path = str(tmp_path / "scan.mhd")
-    synthetic.write_metaimage(path, scan.volume, scan.origin, scan.spacing, scan.direction)
+    write_metaimage(path, scan.volume, scan.origin, scan.spacing, scan.direction)
     image, array = _read(path)
     for x, y, z, _ in scan.nodules:
         zyx = _voxel(image, (x, y, z))

@@ -10,9 +10,9 @@ import SimpleITK as sitk
 
 from tf_agg3d.config import PreprocessConfig
 from tf_agg3d.data import cache
-from tf_agg3d.data import deeplesion as dl
-from tf_agg3d.data import synthetic_deeplesion as syn
-from tf_agg3d.data.deeplesion_csv import DL_INFO_COLUMNS, read_dl_info
+from tf_agg3d.data.deeplesion.conversion import run_conversion
+from tf_agg3d.data.deeplesion.dl_info import DL_INFO_COLUMNS, read_dl_info
+from tf_agg3d.data.synthetic import deeplesion as syn
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_same_seed_same_bytes(tmp_path):
 
 def test_conversion_recovers_the_drawn_lesions(dataset, tmp_path):
     out = str(tmp_path / "cache")
-    summary = dl.run_conversion(dataset["out_dir"], out, PreprocessConfig(), report=lambda s: None)
+    summary = run_conversion(dataset["out_dir"], out, PreprocessConfig(), report=lambda s: None)
     assert not summary.failed and sorted(summary.ok) == sorted(dataset["uids"])
     for uid, truth in dataset["lesions"].items():
         meta = cache.read_meta(out, uid)

@@ -7,18 +7,19 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from inference_fakes import BlobDetector, rpn_probability
+from detector_fakes import BlobDetector, rpn_probability
 from support import REPO, cache_meta
 
 from tf_agg3d.config import ExperimentConfig, load_config, save_config
 from tf_agg3d.data import cache
 from tf_agg3d.heads.fpr_head import FPRHead
 from tf_agg3d.heads.rpn_head import RPNHead
-from tf_agg3d.inference.model_loading import CheckpointNotFoundError, load_detector
 from tf_agg3d.inference.predictor import Predictor, scan_uid
-from tf_agg3d.inference.whole_scan import WholeScanDetector
 from tf_agg3d.models.builder import build_detector
+from tf_agg3d.models.checkpoints import CheckpointNotFoundError
 from tf_agg3d.models.detector import Agg3DDetector
+from tf_agg3d.models.loading import load_detector
+from tf_agg3d.models.whole_scan import WholeScanDetector
 from tf_agg3d.ops.roi_align import roi_align_3d
 
 TINY = [
@@ -241,7 +242,7 @@ def test_cli_on_a_cache_writes_the_csv_and_goes_on_after_a_failing_scan(tmp_path
 
 @pytest.mark.slow
 def test_cli_on_a_scan_file_and_a_model_dir_without_checkpoint(tmp_path):
-    from tf_agg3d.data.synthetic import generate_dataset
+    from tf_agg3d.data.synthetic.luna16 import generate_dataset
 
     model_dir, _, _ = _model_dir(tmp_path, ["preprocess.crop_margin_mm=2"])
     summary = generate_dataset(str(tmp_path / "luna"), 1, seed=3, shape=(24, 96, 96))
@@ -260,9 +261,10 @@ def test_cli_on_a_scan_file_and_a_model_dir_without_checkpoint(tmp_path):
 
 
 def test_predict_scan_reads_preprocesses_and_maps_back_into_the_scan(tmp_path):
-    from tf_agg3d.data.luna16 import read_scan, world_to_voxel
-    from tf_agg3d.data.preprocess import preprocess_scan
-    from tf_agg3d.data.synthetic import generate_dataset
+    from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+    from tf_agg3d.data.readers.sitk import read_scan
+    from tf_agg3d.data.scan import world_to_voxel
+    from tf_agg3d.data.synthetic.luna16 import generate_dataset
 
     summary = generate_dataset(str(tmp_path / "luna"), 2, seed=3, shape=(24, 96, 96))
     config = load_config(None, [*TINY, "inference.score_threshold=0.0", "inference.max_marks=7"])
@@ -287,8 +289,8 @@ def test_predict_scan_reads_preprocesses_and_maps_back_into_the_scan(tmp_path):
 
 
 def test_predict_scan_with_the_luna16_mask_equals_the_cache_path(tmp_path):
-    from tf_agg3d.data.preprocess_runner import ScanJob, preprocess_one
-    from tf_agg3d.data.synthetic import generate_dataset
+    from tf_agg3d.data.preprocessing.runner import ScanJob, preprocess_one
+    from tf_agg3d.data.synthetic.luna16 import generate_dataset
 
     root = tmp_path / "luna"
     summary = generate_dataset(str(root), 2, seed=5, shape=(24, 96, 96))
@@ -311,7 +313,7 @@ def test_predict_scan_with_the_luna16_mask_equals_the_cache_path(tmp_path):
 
 @pytest.mark.slow
 def test_cli_on_a_luna16_root_with_subsets_and_a_missing_seriesuid(tmp_path):
-    from tf_agg3d.data.synthetic import generate_dataset
+    from tf_agg3d.data.synthetic.luna16 import generate_dataset
 
     model_dir, _, _ = _model_dir(tmp_path, ["preprocess.crop_margin_mm=2"])
     root = tmp_path / "luna"

@@ -15,7 +15,7 @@ from support import PYTHON, REPO, subprocess_env
 
 from tf_agg3d.layers.dense_block import DenseLayer, Transition
 from tf_agg3d.layers.sync_batch_norm import SyncBatchNormalization
-from tf_agg3d.serving.export_module import non_stock_op_types, saved_model_op_types
+from tf_agg3d.serving.signatures import non_stock_op_types, saved_model_op_types
 
 
 def _pair(shape, seed=0):

@@ -26,7 +26,8 @@ from support import TINY_DETECTOR_OVERRIDES, write_model_dir
 
 from tf_agg3d.config import load_config
 from tf_agg3d.serving.dev_server import DevServer
-from tf_agg3d.serving.export_module import Agg3DExportModule, export_saved_model
+from tf_agg3d.serving.publishing import export_saved_model
+from tf_agg3d.serving.signatures import Agg3DExportModule
 
 STANDIN_MAX_SHAPE = (96, 96, 96)
 STANDIN_WINDOW = (16, 16, 16)
@@ -118,7 +119,7 @@ def tiny_config(overrides=()):
 
 def export_standin(base, version=None, scale=1.0, overwrite=False, **kw):
     config = load_config(None, [f"inference.window_size=[{','.join(map(str, STANDIN_WINDOW))}]"])
-    from tf_agg3d.serving.export_module import next_version
+    from tf_agg3d.serving.publishing import next_version
 
     version = version or next_version(os.path.join(str(base), "agg3d"))
     module = Agg3DExportModule(
@@ -165,7 +166,7 @@ def scan_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real_model(tmp_path_factory):
     """A tiny real detector saved as a model directory, and its in-process whole-scan module."""
-    from tf_agg3d.inference.whole_scan import WholeScanDetector
+    from tf_agg3d.models.whole_scan import WholeScanDetector
 
     config = tiny_config()
     model_dir = tmp_path_factory.mktemp("model_dir")

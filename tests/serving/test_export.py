@@ -15,16 +15,9 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from tf_agg3d.serving import contract
 from tf_agg3d.serving.errors import ExportError
-from tf_agg3d.serving.export_module import (
-    Agg3DExportModule,
-    ServedModel,
-    existing_versions,
-    export_saved_model,
-    models_config_text,
-    non_stock_op_types,
-    saved_model_op_types,
-    write_models_config,
-)
+from tf_agg3d.serving.models_config import ServedModel, models_config_text, write_models_config
+from tf_agg3d.serving.publishing import existing_versions, export_saved_model
+from tf_agg3d.serving.signatures import Agg3DExportModule, non_stock_op_types, saved_model_op_types
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -85,19 +78,19 @@ def test_a_failed_export_leaves_neither_a_version_nor_a_temp_directory(tmp_path,
 def test_object_store_publishing_moves_saved_model_pb_last_and_overwrites(
     tmp_path, helpers, monkeypatch
 ):
-    """The object-store path (export_module docstring), on local files made to act as objects.
+    """The object-store path (docs/serving.md), on local files made to act as objects.
 
     Objects need no parent directories, so the simulated copy and rename create them; every
     rename must be one file moving from the hidden staging prefix into the version, and
     ``saved_model.pb`` must arrive after every other file of the version.
     """
-    from tf_agg3d.serving import export_module
+    from tf_agg3d.serving import publishing
 
-    monkeypatch.setattr(export_module, "_renames_directories", lambda path: False)
+    monkeypatch.setattr(publishing, "_renames_directories", lambda path: False)
     model_base = os.path.join(tmp_path, "agg3d")
     final = os.path.join(model_base, "1")
     moves = []
-    real_rename, real_copy = tf.io.gfile.rename, export_module.io_utils.copy_file
+    real_rename, real_copy = tf.io.gfile.rename, publishing.io_utils.copy_file
 
     def rename(src, dst, overwrite=False):
         assert os.path.relpath(src, model_base).startswith(".tmp-1-"), src
@@ -113,7 +106,7 @@ def test_object_store_publishing_moves_saved_model_pb_last_and_overwrites(
         real_copy(src, dst, overwrite)
 
     monkeypatch.setattr(tf.io.gfile, "rename", rename)
-    monkeypatch.setattr(export_module.io_utils, "copy_file", copy_file)
+    monkeypatch.setattr(publishing.io_utils, "copy_file", copy_file)
     helpers.export_standin(tmp_path, version=1, scale=1.0)
     published = sorted(_files(final))
     assert moves[-1] == ("pb", sorted(set(published) - {"saved_model.pb"}))

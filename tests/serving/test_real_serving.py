@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_agg3d.data.luna16 import read_scan
-from tf_agg3d.data.preprocess import preprocess_scan
+from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+from tf_agg3d.data.readers.sitk import read_scan
 from tf_agg3d.inference.predictor import findings_from_detections
 from tf_agg3d.serving.client import Agg3DClient
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from support import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
 
-from tf_agg3d.training import checkpoints as ckpt_lib
+from tf_agg3d.models import checkpoints as ckpt_lib
 
 TOTAL = 24
 EVERY = 4

@@ -12,12 +12,14 @@ import tensorflow as tf
 from support import PYTHON, REPO, subprocess_env, tiny_config, tiny_config_file, write_cache
 
 from tf_agg3d.config import ConfigError
-from tf_agg3d.data import pipeline
+from tf_agg3d.dataloaders import input_pipeline as pipeline
+from tf_agg3d.models import checkpoints as ckpt_lib
 from tf_agg3d.training import abs as abs_lib
-from tf_agg3d.training import checkpoints as ckpt_lib
 from tf_agg3d.training.abs import ABS_FILE
 from tf_agg3d.training.checks import validate_training_config
-from tf_agg3d.training.trainer import NonFiniteLossError, Trainer, plan_phase
+from tf_agg3d.training.detector_task import DetectorTask, plan_phase
+from tf_agg3d.training.loop import NonFiniteLossError
+from tf_agg3d.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +91,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cach
     config = tiny_config(tmp_path, cache_dir, ["train.max_steps=6"])
     model_dir = str(tmp_path / "model")
 
-    class Poisoned(Trainer):
+    class Poisoned(DetectorTask):
         """The loss turns NaN from step 3 on (the step variable is read in-graph)."""
 
-        def _combine(self, terms, mode, step):
-            out = super()._combine(terms, mode, step)
+        def combine(self, terms, mode, step):
+            out = super().combine(terms, mode, step)
             out["loss"] = out["loss"] + tf.where(step >= 3.0, float("nan"), 0.0)
             return out
 
-    trainer = Poisoned(config, model_dir, strategy=_one_device(), log=lambda _: None)
+    trainer = Trainer(
+        config, model_dir, strategy=_one_device(), log=lambda _: None, task=Poisoned(config)
+    )
     with pytest.raises(NonFiniteLossError, match=r"non-finite at step 4.*ckpt-2"):
         trainer.run()
     assert ckpt_lib.checkpoint_step(ckpt_lib.latest_phase_checkpoint(model_dir, "rpn")) == 2
@@ -146,9 +150,9 @@ def test_rpn_then_joint_then_abs_then_oversampling_round(tmp_path, cache_dir):
     round2 = Trainer(joint_cfg, model_dir, **quiet)
     round2.setup()
     assert round2.init_from.endswith(os.path.join("joint", "ckpt-2"))
-    assert len(round2.hard_negatives) == len(stored["hard_negatives"])
+    assert len(round2.task.hard_negatives) == len(stored["hard_negatives"])
     sampler = pipeline.CropSampler(
-        joint_cfg.data, round2.train_scans, hard_negatives=round2.hard_negatives
+        joint_cfg.data, round2.task.train_scans, hard_negatives=round2.task.hard_negatives
     )
     kinds = [sampler.sample(i)[2] for i in range(100)]
     share = kinds.count(pipeline.KIND_HARD_NEGATIVE) / len(kinds)

@@ -14,8 +14,8 @@ import numpy as np
 
 
 def main(bucket: str, local_mhd: str, local_dicom: str) -> dict:
-    from tf_agg3d.data import luna16
     from tf_agg3d.data.errors import DataError
+    from tf_agg3d.data.readers import sitk as luna16
     from tf_agg3d.utils import io as uio
 
     out: dict = {}

@@ -22,7 +22,7 @@ import numpy as np
 
 def _publish_fake(files: dict, model_base: str) -> None:
     """Publishes `files` ({relative path: text}) as version 1 of `model_base`, replacing it."""
-    from tf_agg3d.serving import export_module
+    from tf_agg3d.serving import publishing
 
     with tempfile.TemporaryDirectory() as local:
         for rel, text in files.items():
@@ -31,7 +31,7 @@ def _publish_fake(files: dict, model_base: str) -> None:
             with open(path, "w") as f:
                 f.write(text)
         final = f"{model_base}/1"
-        export_module._publish_to_object_store(local, final, model_base, 1)
+        publishing._publish_to_object_store(local, final, model_base, 1)
 
 
 def _replace_checks(scratch_base: str) -> dict:
@@ -55,7 +55,7 @@ def _replace_checks(scratch_base: str) -> dict:
 def main(model_base: str, volume_npy: str, scratch_base: str) -> dict:
     import tensorflow as tf
 
-    from tf_agg3d.serving.dev_server import ModelManager
+    from tf_agg3d.serving.servables import ModelManager
     from tf_agg3d.utils import io as uio
 
     uio.ensure_filesystem(model_base)

@@ -18,9 +18,9 @@ import SimpleITK as sitk
 
 from tf_agg3d.config import PreprocessConfig
 from tf_agg3d.data import cache
-from tf_agg3d.data.dicom_tfio import tfio_dicom_available
-from tf_agg3d.data.preprocess_runner import run_preprocess
-from tf_agg3d.data.synthetic import generate_dataset
+from tf_agg3d.data.preprocessing.runner import run_preprocess
+from tf_agg3d.data.readers.dicom_tfio import tfio_dicom_available
+from tf_agg3d.data.synthetic.luna16 import generate_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from tf_agg3d.data.dicom_tfio import tfio_dicom_available
+from tf_agg3d.data.readers.dicom_tfio import tfio_dicom_available
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from s3_env import S3Server  # noqa: E402

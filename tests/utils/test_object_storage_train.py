@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tf_agg3d.data.dicom_tfio import tfio_dicom_available
+from tf_agg3d.data.readers.dicom_tfio import tfio_dicom_available
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

@@ -1,1 +1,1 @@
-"""Readers for LUNA16 / DeepLesion / any SimpleITK scan, preprocessing, the cache, synthetic data."""
+"""Scans, readers, LUNA16 and DeepLesion files, preprocessing, the cache, synthetic data."""

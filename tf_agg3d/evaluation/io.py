@@ -1,6 +1,6 @@
 """The evaluation's view of the LUNA16 CSV files: column arrays for vectorised FROC.
 
-Parsing and validation are :mod:`tf_agg3d.data.luna16_csv`'s (header required, finite numbers,
+Parsing and validation are :mod:`tf_agg3d.data.luna16.csv_io`'s (header required, finite numbers,
 :class:`~tf_agg3d.data.errors.DataError` naming file, line and field, empty files refused);
 this module turns its per-row records into numpy columns, reads the DeepLesion columns and
 applies the evaluation's rules:
@@ -24,9 +24,8 @@ import math
 
 import numpy as np
 
-from tf_agg3d.data import luna16_csv
 from tf_agg3d.data.errors import DataError
-from tf_agg3d.utils import io as uio
+from tf_agg3d.data.luna16 import csv_io as luna16_csv
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ def _annotations(groups: dict, path: str, excluded: bool) -> Annotations:
 def read_annotations(path: str, excluded: bool = False) -> Annotations:
     """Reads ``annotations.csv`` or, with `excluded`, ``annotations_excluded.csv``.
 
-    Parsing and validation are :mod:`tf_agg3d.data.luna16_csv`'s; this adds the column layout
+    Parsing and validation are :mod:`tf_agg3d.data.luna16.csv_io`'s; this adds the column layout
     and the DeepLesion columns.
 
     Args:
@@ -202,31 +201,31 @@ def read_predictions(path: str) -> Predictions:
 def read_seriesuids(path: str, skip_header: bool = False) -> list[str]:
     """Reads the list of evaluated scans (one seriesuid per line).
 
-    The official script reads every row of this file as a scan, so a header row (a first line
-    reading ``seriesuid``) becomes one more scan, without marks or nodules, that enlarges the
-    FP-per-scan divisor by one. By default that is reproduced, with a warning, so the numbers
-    match the official ones; `skip_header` drops such a row instead.
+    The file is read by :func:`tf_agg3d.data.luna16.csv_io.read_seriesuids`, the package's one
+    reader of these lists, with its header rule. The official script reads every row of this
+    file as a scan, so a header row (a first line reading ``seriesuid``) becomes one more scan,
+    without marks or nodules, that enlarges the FP-per-scan divisor by one. By default that is
+    reproduced, with a warning, so the numbers match the official ones; `skip_header` drops such
+    a row instead.
 
     Raises:
       DataError: unreadable or empty file, a line that is not one seriesuid, a duplicated
         seriesuid (the official script would evaluate that scan twice, never intended).
     """
     path = str(path)
-    uids = luna16_csv.read_seriesuids(path)
-    first = next(
-        (ln.strip() for ln in uio.read_bytes(path).decode("utf-8-sig").splitlines() if ln.strip()),
-        "",
-    )
-    if first.lower() == "seriesuid" and not skip_header:
-        log.warning(
-            "%s: the first line %r is a header; like the official script it is counted as a "
-            "scan (FPs are divided by %d, not %d); pass skip_seriesuid_header to drop it",
-            path,
-            first,
-            len(uids) + 1,
-            len(uids),
-        )
-        uids = [first, *uids]
+    uids = luna16_csv.read_seriesuids(path, keep_header=True)
+    if uids and luna16_csv.is_seriesuid_header(uids[0]):
+        if skip_header:
+            uids = uids[1:]
+        else:
+            log.warning(
+                "%s: the first line %r is a header; like the official script it is counted as "
+                "a scan (FPs are divided by %d, not %d); pass skip_seriesuid_header to drop it",
+                path,
+                uids[0],
+                len(uids),
+                len(uids) - 1,
+            )
     if not uids:
         raise DataError(path, "seriesuid list is empty")
     return uids

@@ -1,1 +1,2 @@
-"""Whole-scan sliding-window detection and world-coordinate findings."""
+"""In-process prediction: whole scans -> world-coordinate findings (``Predictor``), on top of
+:class:`tf_agg3d.models.whole_scan.WholeScanDetector` and :mod:`tf_agg3d.models.loading`."""

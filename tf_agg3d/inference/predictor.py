@@ -1,6 +1,6 @@
 """Whole scan -> findings in world mm: the in-process predictor behind `tf_agg3d.predict`.
 
-:class:`Predictor` runs :class:`~tf_agg3d.inference.whole_scan.WholeScanDetector` on a cache
+:class:`Predictor` runs :class:`~tf_agg3d.models.whole_scan.WholeScanDetector` on a cache
 entry (written by `python -m tf_agg3d.preprocess`) or on any scan SimpleITK reads (preprocessed
 on the fly, lungs found by the threshold fallback), and maps each detection back to the world
 through the entry's affine (cache voxel ``(z, y, x, 1)`` -> world ``(x, y, z, 1)`` mm, README
@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_agg3d.config import ExperimentConfig
-from tf_agg3d.inference.whole_scan import WholeScanDetector
+from tf_agg3d.models.whole_scan import WholeScanDetector
 from tf_agg3d.utils import io as uio
 
 # Extra columns of the submission CSV, after LUNA16's seriesuid,coordX,coordY,coordZ,probability.
@@ -123,7 +123,7 @@ class Predictor:
     `config`.
 
     Args:
-      model_dir: model directory; see :func:`tf_agg3d.inference.model_loading.load_detector`.
+      model_dir: model directory; see :func:`tf_agg3d.models.loading.load_detector`.
       detector: an already built (and trained) detector, instead of `model_dir`.
       config: experiment config; with `model_dir` it replaces the directory's config.yaml
         (e.g. with inference overrides), with `detector` it is required.
@@ -144,7 +144,7 @@ class Predictor:
         use_fpr: bool | None = None,
     ):
         if model_dir is not None:
-            from tf_agg3d.inference.model_loading import load_detector
+            from tf_agg3d.models.loading import load_detector
 
             detector, config = load_detector(model_dir, config=config, checkpoint=checkpoint)
         elif detector is None or config is None:
@@ -212,8 +212,8 @@ class Predictor:
         Raises:
           DataError: an unreadable scan or mask.
         """
-        from tf_agg3d.data.luna16 import read_lung_mask, read_scan
-        from tf_agg3d.data.preprocess import preprocess_scan
+        from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+        from tf_agg3d.data.readers.sitk import read_lung_mask, read_scan
 
         scan = read_scan(path)
         mask = read_lung_mask(lung_mask_path) if lung_mask_path else None

@@ -19,6 +19,10 @@ Command line::
       [--model agg3d] [--version N] --out findings.csv \\
       [--tls --ca-cert F --client-cert F --client-key F] [--deadline S]
 
+Requests and replies are built and read through :mod:`tf_agg3d.serving.protos`, shared with the
+development server. The command line (its flags and exit statuses) is
+:mod:`tf_agg3d.cli.serving` (``agg3d-client``).
+
 Every failure is a :class:`~tf_agg3d.serving.errors.ServingError` (or a
 :class:`~tf_agg3d.data.errors.DataError` for an unreadable scan) whose message says what to do;
 the command line prints it without a traceback. Scans, the output CSV and the TLS files may be
@@ -31,7 +35,6 @@ import concurrent.futures
 import dataclasses
 import json
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -39,43 +42,25 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
-    predict_pb2,
     prediction_service_pb2_grpc,
 )
 
 from tf_agg3d.config import ConfigError, PreprocessConfig, from_dict
 from tf_agg3d.inference.predictor import Finding, findings_from_detections, scan_uid
-from tf_agg3d.serving import contract
+from tf_agg3d.serving import contract, protos
 from tf_agg3d.serving.errors import ServingError, explain_status
 from tf_agg3d.utils import io as io_utils
 
 _INT16 = np.iinfo(np.int16)
-_STATE_NAMES = dict((v, k) for k, v in get_model_status_pb2.ModelVersionStatus.State.items())
 
 
 # --------------------------------------------------------------------------------------------
-# Tensors
+# Volumes
 # --------------------------------------------------------------------------------------------
-
-
-def int16_tensor_proto(volume: np.ndarray) -> tensor_pb2.TensorProto:
-    """An int16 TensorProto carrying `volume` as raw little-endian ``tensor_content``.
-
-    ``tensor_content`` is one bytes field: 2 bytes a voxel on the wire, where the repeated
-    ``int_val`` field would spend up to 3 bytes of varint per voxel and far more CPU.
-    """
-    array = np.ascontiguousarray(volume, dtype="<i2")
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(n)) for n in array.shape]
-    )
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_INT16, tensor_shape=shape, tensor_content=array.tobytes()
-    )
 
 
 def as_int16_volume(volume: Any) -> np.ndarray:
@@ -96,22 +81,6 @@ def as_int16_volume(volume: Any) -> np.ndarray:
     elif array.dtype.kind not in "iub":
         raise ValueError(f"volume: expected numeric HU values, got dtype {array.dtype}")
     return np.clip(array, _INT16.min, _INT16.max).astype(np.int16)
-
-
-def _to_numpy(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    import tensorflow as tf
-
-    return tf.make_ndarray(proto)
-
-
-def _dtype_name(enum: int) -> str:
-    """numpy-style name of a DataType enum (``float32``, ``int16``)."""
-    import tensorflow as tf
-
-    try:
-        return tf.dtypes.as_dtype(enum).name
-    except TypeError:
-        return types_pb2.DataType.Name(enum)
 
 
 def voxel_affine(spacing_mm: float = 1.0) -> np.ndarray:
@@ -266,14 +235,13 @@ class Agg3DClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _fill_spec(self, spec, signature: str | None = None) -> None:
-        spec.name = self.model_name
-        if self.version is not None:
-            spec.version.value = self.version
-        elif self.version_label:
-            spec.version_label = self.version_label
-        if signature is not None:
-            spec.signature_name = signature
+    def _spec(self) -> dict[str, Any]:
+        """The model, version and label every request names (keywords of ``protos``)."""
+        return {
+            "model_name": self.model_name,
+            "version": self.version,
+            "version_label": self.version_label,
+        }
 
     def _call(self, method: Callable, request, *, deadline_s: float, signature: str | None):
         """Calls `method` with retries on UNAVAILABLE; raises ServingError on failure."""
@@ -325,23 +293,16 @@ class Agg3DClient:
           (outputs as numpy arrays, the version that answered).
         """
         signature = signature or self.signature
-        request = predict_pb2.PredictRequest()
-        self._fill_spec(request.model_spec, signature)
-        for key, value in inputs.items():
-            if isinstance(value, tensor_pb2.TensorProto):
-                request.inputs[key].CopyFrom(value)
-            else:
-                import tensorflow as tf
-
-                request.inputs[key].CopyFrom(tf.make_tensor_proto(np.asarray(value)))
-        request.output_filter.extend(output_filter)
+        request = protos.predict_request(
+            inputs, signature=signature, output_filter=output_filter, **self._spec()
+        )
         response = self._call(
             self._predict_stub.Predict,
             request,
             deadline_s=deadline_s or self.deadline_s,
             signature=signature,
         )
-        outputs = {k: _to_numpy(v) for k, v in response.outputs.items()}
+        outputs = {k: protos.to_numpy(v) for k, v in response.outputs.items()}
         return outputs, int(response.model_spec.version.value)
 
     def get_model_metadata(self, deadline_s: float = 30.0) -> dict[str, Any]:
@@ -352,30 +313,20 @@ class Agg3DClient:
           "outputs": {...}}}}``; unknown dimensions are -1.
         """
         request = get_model_metadata_pb2.GetModelMetadataRequest()
-        self._fill_spec(request.model_spec)
+        protos.fill_model_spec(request.model_spec, **self._spec())
         request.metadata_field.append("signature_def")
         response = self._call(
             self._predict_stub.GetModelMetadata, request, deadline_s=deadline_s, signature=None
         )
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        response.metadata["signature_def"].Unpack(signature_map)
-
-        def tensors(infos) -> dict:
-            return {
-                key: {
-                    "dtype": _dtype_name(info.dtype),
-                    "shape": None
-                    if info.tensor_shape.unknown_rank
-                    else [d.size for d in info.tensor_shape.dim],
-                }
-                for key, info in sorted(infos.items())
-            }
-
+        signature_defs = protos.unpack_signature_defs(response)
         return {
             "version": int(response.model_spec.version.value),
             "signatures": {
-                name: {"inputs": tensors(sig.inputs), "outputs": tensors(sig.outputs)}
-                for name, sig in sorted(signature_map.signature_def.items())
+                name: {
+                    "inputs": protos.describe_tensors(sig.inputs),
+                    "outputs": protos.describe_tensors(sig.outputs),
+                }
+                for name, sig in sorted(signature_defs.items())
             },
         }
 
@@ -387,14 +338,14 @@ class Agg3DClient:
           ``UNLOADING``, ``END``), ``error_code``, ``error_message``.
         """
         request = get_model_status_pb2.GetModelStatusRequest()
-        self._fill_spec(request.model_spec)
+        protos.fill_model_spec(request.model_spec, **self._spec())
         response = self._call(
             self._model_stub.GetModelStatus, request, deadline_s=deadline_s, signature=None
         )
         return [
             {
                 "version": int(s.version),
-                "state": _STATE_NAMES.get(s.state, str(s.state)),
+                "state": protos.state_name(s.state),
                 "error_code": int(s.status.error_code),
                 "error_message": s.status.error_message,
             }
@@ -486,7 +437,7 @@ class Agg3DClient:
             array = as_int16_volume(volume)
         except ValueError as err:
             raise ServingError(str(err)) from None
-        outputs, version = self.predict({contract.VOLUME_INPUT: int16_tensor_proto(array)})
+        outputs, version = self.predict({contract.VOLUME_INPUT: protos.int16_tensor_proto(array)})
         missing = [k for k in contract.DETECT_OUTPUTS if k not in outputs]
         if missing:
             raise ServingError(
@@ -533,8 +484,8 @@ class Agg3DClient:
             return 1.0
 
     def _detect_path(self, path: str) -> tuple[str, list[Finding]]:
-        from tf_agg3d.data.luna16 import read_scan
-        from tf_agg3d.data.preprocess import preprocess_scan
+        from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+        from tf_agg3d.data.readers.sitk import read_scan
 
         config = self.preprocess_config()
         scan = read_scan(path)
@@ -614,123 +565,20 @@ class Agg3DClient:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line
+# Results as a submission file
 # --------------------------------------------------------------------------------------------
 
 
 def write_findings_csv(path: str, results: Sequence[ScanResult]) -> int:
     """Writes the LUNA16 CSV (+ diameter_mm, rpn_score, fpr_score) of the successful scans."""
-    from tf_agg3d.data.luna16_csv import write_predictions
+    from tf_agg3d.data.luna16.csv_io import write_predictions
 
     rows = [f.as_row(r.seriesuid) for r in results if r.ok for f in r.findings]
     return write_predictions(path, rows)
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("target", None, "gRPC endpoint HOST:PORT of TF-Serving.")
-    flags.DEFINE_multi_string("scan", [], "Scan file or DICOM folder (repeatable).")
-    flags.DEFINE_string("model", contract.MODEL_NAME, "Model name.")
-    flags.DEFINE_integer("version", None, "Model version (default: the server's latest).")
-    flags.DEFINE_string("version_label", None, "Model version label (e.g. stable).")
-    flags.DEFINE_string("out", None, "Output CSV (LUNA16 columns + diameter and both scores).")
-    flags.DEFINE_boolean("tls", False, "Use TLS.")
-    flags.DEFINE_string("ca_cert", None, "PEM CA bundle to verify the server (implies --tls).")
-    flags.DEFINE_string("client_cert", None, "PEM client certificate (mutual TLS).")
-    flags.DEFINE_string("client_key", None, "PEM client private key (mutual TLS).")
-    flags.DEFINE_string("server_name", None, "TLS server name to verify instead of the host.")
-    flags.DEFINE_float("deadline", 600.0, "Per-scan deadline, seconds.")
-    flags.DEFINE_integer("retries", 4, "Retries for UNAVAILABLE, with exponential backoff.")
-    flags.DEFINE_integer("max_concurrency", 2, "Scans in flight.")
-    flags.DEFINE_float("wait", 0.0, "Wait up to this many seconds for the model to be ready.")
-    flags.mark_flags_as_required(["target", "out"])
-
-
-def run(argv: Sequence[str]) -> int:
-    """The command line's body; returns the exit status (0 ok, 1 a scan failed, 2 usage)."""
-    import tensorflow as tf
-    from absl import flags
-
-    from tf_agg3d.data.errors import DataError
-
-    del argv
-    f = flags.FLAGS
-    if not f.scan:
-        print("error: give at least one --scan", file=sys.stderr)
-        return 2
-    try:
-        io_utils.ensure_filesystems(f.out, f.ca_cert, f.client_cert, f.client_key, *f.scan)
-    except ImportError as err:  # MissingExtraError: s3:// without tensorflow-io
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        client = Agg3DClient(
-            f.target,
-            f.model,
-            f.version,
-            version_label=f.version_label,
-            tls=f.tls,
-            ca_cert=f.ca_cert,
-            client_cert=f.client_cert,
-            client_key=f.client_key,
-            server_name=f.server_name,
-            deadline_s=f.deadline,
-            retries=f.retries,
-            max_concurrency=f.max_concurrency,
-        )
-    except (ValueError, ServingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    with client:
-        try:
-            if f.wait > 0:
-                client.wait_until_ready(timeout_s=f.wait)
-            info = client.model_info()
-        except ServingError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-
-        def report(result: ScanResult) -> None:
-            if result.ok:
-                best = f", best {result.findings[0].probability:.3f}" if result.findings else ""
-                print(
-                    f"{result.seriesuid}: {len(result.findings)} findings{best} "
-                    f"({result.seconds:.1f} s)",
-                    flush=True,
-                )
-            else:
-                print(f"{result.source}: FAILED: {result.error}", file=sys.stderr, flush=True)
-
-        results = client.detect_many(f.scan, on_result=report)
-    ok = [r for r in results if r.ok]
-    if ok:
-        try:
-            rows = write_findings_csv(f.out, ok)
-        except (DataError, OSError, tf.errors.OpError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(
-            f"model {f.model} version {info.get('version')} at {f.target}: {len(ok)}/"
-            f"{len(results)} scans, {rows} findings -> {f.out} "
-            f"({time.perf_counter() - start:.1f} s)"
-        )
-    else:
-        print(f"no scan succeeded; {f.out} not written", file=sys.stderr)
-    return 0 if len(ok) == len(results) else 1
-
-
-def main(argv: Sequence[str]) -> None:
-    from tf_agg3d.utils.process import run_and_exit
-
-    # After S3 use the interpreter can abort at shutdown (utils/process.py); the status run
-    # returned must still be the process's.
-    run_and_exit(run, argv)
-
-
 if __name__ == "__main__":
-    from tf_agg3d.serving.cli import run_cli
+    # `python -m tf_agg3d.serving.client` is the `agg3d-client` command of the CLI layer.
+    from tf_agg3d.cli.serving import run_client
 
-    _define_flags()
-    run_cli(run)
+    run_client()

@@ -1,7 +1,8 @@
 """The serving contract shared by the exporter, the development server and the client.
 
-Signature names, tensor keys and limits live here once, so that the SavedModel, the server
-that serves it and the client that calls it cannot drift apart.
+Signature names, tensor keys, limits and the layout of a version directory live here once, so
+that the SavedModel, the server that serves it and the client that calls it cannot drift apart
+(``docs/serving.md``, "The export contract").
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ MAX_MESSAGE_BYTES = 2**31 - 1
 
 # Model versions are directories named by a positive decimal integer (TF-Serving's rule).
 VERSION_DIR = re.compile(r"^[0-9]+$")
+
+# Inside a version: loaders start from saved_model.pb (so it is published last on object
+# stores); assets.extra/ holds the metadata and TF-Serving's warmup requests.
+SAVED_MODEL_PB = "saved_model.pb"
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"
 
 
 def is_version_dir(name: str) -> bool:

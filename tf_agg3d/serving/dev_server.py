@@ -15,268 +15,51 @@ and answers ``PredictionService`` (Predict, GetModelMetadata) and ``ModelService
 - errors raised in the graph keep their TensorFlow code (e.g. the volume-size check's
   INVALID_ARGUMENT).
 
-It replays ``assets.extra/tf_serving_warmup_requests`` before marking a version AVAILABLE and
-can poll the base path for new versions, as TF-Serving does.
+This module is the gRPC side: the two servicers, which validate requests as TF-Serving does,
+and :class:`DevServer`, which listens (optionally with TLS) and polls. Which versions exist,
+load and answer is :mod:`tf_agg3d.serving.servables` (version policy, loading, warmup replay
+before AVAILABLE, TF-Serving's NOT_FOUND messages); the protobufs are built and read through
+:mod:`tf_agg3d.serving.protos`, as the client's are.
 
-The base path and the TLS files may be ``s3://`` / ``gs://`` URLs. On object stores a
-version prefix counts only once its ``saved_model.pb`` exists: exports move that file in last
-(:mod:`tf_agg3d.serving.export_module`), so a version still being moved in is not loaded.
+The base path and the TLS files may be ``s3://`` / ``gs://`` URLs; on object stores a version
+is loaded only once its ``saved_model.pb`` is there (``docs/serving.md``).
 
 Command line::
 
   python -m tf_agg3d.serving.dev_server --model-base BASE --model-name agg3d --port 8500 \\
       [--host 127.0.0.1] [--versions 3,4] [--poll-s 30] [--tls-cert F --tls-key F]
 
-Exit status: 0 after Ctrl-C, 1 for a bad flag, a TLS file it cannot read or a port in use,
-2 for a missing optional package (tensorflow-io for s3://).
+Exit status: 0 after Ctrl-C, 1 for a TLS file it cannot read, a bad base path or a port in use,
+2 for a bad flag or a missing optional package (tensorflow-io for s3://). The command line (its
+flags and exit statuses) is :mod:`tf_agg3d.cli.serving` (``agg3d-serve``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
-import os
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import grpc
 import tensorflow as tf
-from absl import logging
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
     predict_pb2,
-    prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
 
-from tf_agg3d.serving import contract
-from tf_agg3d.serving.export_module import ASSETS_EXTRA, SAVED_MODEL_PB, WARMUP_FILE
+from tf_agg3d.serving import contract, protos
+from tf_agg3d.serving.errors import RpcError
+from tf_agg3d.serving.servables import ModelManager, ServedVersion
 from tf_agg3d.utils import io as io_utils
 
-_State = get_model_status_pb2.ModelVersionStatus.State
-# TensorFlow's error codes are gRPC's (both come from absl::StatusCode).
-_GRPC_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
-
-class RpcError(Exception):
-    """A request failed with a gRPC status; the servicers turn it into ``context.abort``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-# TensorFlow's C++ DataTypeString spells these differently from Python's dtype names, and
-# TF-Serving's messages use the C++ spelling.
-_CPP_DTYPE_NAMES = {"float32": "float", "float64": "double", "float16": "half"}
-
-
-def _dtype_name(enum: int) -> str:
-    try:
-        name = tf.dtypes.as_dtype(enum).name
-    except TypeError:
-        return f"DataType({enum})"
-    return _CPP_DTYPE_NAMES.get(name, name)
-
-
-def _shape_text(dims: Sequence[int]) -> str:
-    return "[" + ", ".join("?" if d < 0 else str(d) for d in dims) + "]"
-
-
-@dataclasses.dataclass
-class ServedVersion:
-    """One version of the model and its loading state."""
-
-    version: int
-    path: str
-    state: int = _State.START
-    error: str = ""
-    loaded: Any = None
-    signature_defs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def _read_signature_defs(path: str) -> dict[str, Any]:
-    """The SignatureDefs of a SavedModel's `serve` meta graph, as TF-Serving reports them."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString(io_utils.read_bytes(io_utils.join(path, SAVED_MODEL_PB)))
-    for meta_graph in proto.meta_graphs:
-        if "serve" in meta_graph.meta_info_def.tags:
-            return dict(meta_graph.signature_def)
-    raise RpcError(grpc.StatusCode.NOT_FOUND, f"{path}: no meta graph with the 'serve' tag")
-
-
-class ModelManager:
-    """Loads and tracks the versions of one model under a TF-Serving base path.
-
-    Args:
-      model_base: the TF-Serving base path (holding `<model_name>/<version>/`).
-      model_name: the model's name (and directory).
-      versions: serve exactly these versions (TF-Serving's ``specific`` policy); None serves
-        the newest one (``latest { num_versions: 1 }``).
-      version_labels: label -> version, for requests naming a ``version_label``.
-    """
-
-    def __init__(
-        self,
-        model_base: str,
-        model_name: str = contract.MODEL_NAME,
-        versions: Sequence[int] | None = None,
-        version_labels: Mapping[str, int] | None = None,
-    ):
-        # s3:// exists for tf.io.gfile only once tensorflow-io is loaded (MissingExtraError).
-        io_utils.ensure_filesystem(model_base)
-        self.model_base = model_base
-        self.model_name = model_name
-        self.model_dir = io_utils.join(model_base, model_name)
-        self.policy_versions = tuple(int(v) for v in versions) if versions else None
-        self.version_labels = {str(k): int(v) for k, v in (version_labels or {}).items()}
-        self._versions: dict[int, ServedVersion] = {}
-        self._lock = threading.Lock()
-        self._load_lock = threading.Lock()
-        self.predict_fn = None  # set by the servicer, used to replay warmup requests
-
-    # -- discovery and loading -----------------------------------------------------------------
-
-    def _on_disk(self) -> list[int]:
-        if not tf.io.gfile.isdir(self.model_dir):
-            return []
-        names = [n.rstrip("/") for n in tf.io.gfile.listdir(self.model_dir)]
-        versions = sorted(int(n) for n in names if contract.is_version_dir(n))
-        if io_utils.is_url(self.model_dir):
-            # Object stores: an export moves saved_model.pb in last (export_module), so a
-            # version without it is still being published and must not be loaded yet.
-            versions = [
-                v
-                for v in versions
-                if tf.io.gfile.exists(io_utils.join(self.model_dir, str(v), SAVED_MODEL_PB))
-            ]
-        return versions
-
-    def _wanted(self, on_disk: list[int]) -> list[int]:
-        if self.policy_versions is None:
-            return on_disk[-1:]
-        return [v for v in self.policy_versions if v in on_disk]
-
-    def refresh(self) -> None:
-        """Applies the version policy to what is on disk: loads new versions, unloads others.
-
-        A version that fails to load is kept in state END with its error, as TF-Serving reports
-        it in GetModelStatus.
-        """
-        with self._load_lock:
-            on_disk = self._on_disk()
-            wanted = self._wanted(on_disk)
-            if self.policy_versions is not None:
-                for v in sorted(set(self.policy_versions) - set(on_disk)):
-                    logging.warning("%s: version %d is not on disk", self.model_dir, v)
-            with self._lock:
-                for version, entry in self._versions.items():
-                    if version not in wanted and entry.state == _State.AVAILABLE:
-                        # Kept in state END, as TF-Serving's state monitor reports it.
-                        entry.state, entry.loaded = _State.END, None
-                        logging.info("unloaded %s version %d", self.model_name, version)
-                for version in wanted:
-                    entry = self._versions.get(version)
-                    # New versions, and unloaded ones a policy change brings back (rollback);
-                    # not ones that failed to load, until they change on disk.
-                    if entry is None or (entry.state == _State.END and not entry.error):
-                        path = io_utils.join(self.model_dir, str(version))
-                        self._versions[version] = ServedVersion(version, path, _State.LOADING)
-            for version in wanted:
-                entry = self._versions.get(version)
-                if entry is not None and entry.state == _State.LOADING:
-                    self._load(entry)
-
-    def _load(self, entry: ServedVersion) -> None:
-        start = time.monotonic()
-        try:
-            entry.signature_defs = _read_signature_defs(entry.path)
-            entry.loaded = tf.saved_model.load(entry.path, tags=["serve"])
-            self._warm_up(entry)
-        except Exception as err:  # noqa: BLE001 - any load failure is reported, not raised
-            entry.state = _State.END
-            entry.error = f"{entry.path}: failed to load: {err}"
-            logging.error("%s", entry.error)
-            return
-        entry.state = _State.AVAILABLE
-        logging.info(
-            "serving %s version %d from %s (%.1f s)",
-            self.model_name,
-            entry.version,
-            entry.path,
-            time.monotonic() - start,
-        )
-
-    def _warm_up(self, entry: ServedVersion) -> None:
-        path = io_utils.join(entry.path, ASSETS_EXTRA, WARMUP_FILE)
-        if self.predict_fn is None or not tf.io.gfile.exists(path):
-            return
-        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
-            log = prediction_log_pb2.PredictionLog.FromString(record)
-            if log.HasField("predict_log"):
-                self.predict_fn(entry, log.predict_log.request)
-
-    # -- lookups -------------------------------------------------------------------------------
-
-    def resolve(self, model_spec) -> ServedVersion:
-        """The AVAILABLE version a request's ModelSpec names, or the TF-Serving error."""
-        name = model_spec.name
-        choice = model_spec.WhichOneof("version_choice")
-        if choice == "version":
-            request = f"Specific({name}, {model_spec.version.value})"
-        elif choice == "version_label":
-            request = f"Specific({name}, {model_spec.version_label})"
-        else:
-            request = f"Latest({name})"
-        if name != self.model_name:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request}")
-        if choice == "version_label":
-            if model_spec.version_label not in self.version_labels:
-                raise RpcError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"Unrecognized servable version label: {model_spec.version_label}",
-                )
-            version = self.version_labels[model_spec.version_label]
-        elif choice == "version":
-            version = int(model_spec.version.value)
-        else:
-            with self._lock:
-                available = [v for v, e in self._versions.items() if e.state == _State.AVAILABLE]
-            if not available:
-                raise RpcError(
-                    grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request}"
-                )
-            version = max(available)
-        with self._lock:
-            entry = self._versions.get(version)
-        if entry is None or entry.state != _State.AVAILABLE:
-            raise RpcError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request}")
-        return entry
-
-    def statuses(self, name: str, version: int | None) -> list[ServedVersion]:
-        """Versions for GetModelStatus, with TF-Serving's NOT_FOUND messages."""
-        with self._lock:
-            entries = dict(self._versions) if name == self.model_name else {}
-        if not entries:
-            raise RpcError(
-                grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}"
-            )
-        if version is not None:
-            if version not in entries:
-                raise RpcError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"Could not find version {version} of model {name}",
-                )
-            return [entries[version]]
-        return [entries[v] for v in sorted(entries)]
+def _require_model_spec(request) -> None:
+    if not request.HasField("model_spec"):
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -322,25 +105,25 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             if proto.dtype != spec.dtype:
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"Expects arg[{index}] ('{key}') to be {_dtype_name(spec.dtype)} but "
-                    f"{_dtype_name(proto.dtype)} is provided",
+                    f"Expects arg[{index}] ('{key}') to be {protos.cpp_dtype_name(spec.dtype)} "
+                    f"but {protos.cpp_dtype_name(proto.dtype)} is provided",
                 )
             try:
-                array = tf.make_ndarray(proto)
+                array = protos.to_numpy(proto)
             except Exception as err:  # noqa: BLE001 - any malformed TensorProto
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT, f"tensor parsing error: {key} ({err})"
                 ) from None
-            if not spec.tensor_shape.unknown_rank:
-                want = [d.size for d in spec.tensor_shape.dim]
+            want = protos.shape_dims(spec.tensor_shape)
+            if want is not None:
                 got = list(array.shape)
                 if len(want) != len(got) or any(
                     w >= 0 and w != g for w, g in zip(want, got, strict=True)
                 ):
                     raise RpcError(
                         grpc.StatusCode.INVALID_ARGUMENT,
-                        f"input '{key}': expected shape {_shape_text(want)} (rank {len(want)}), "
-                        f"got {_shape_text(got)}",
+                        f"input '{key}': expected shape {protos.shape_text(want)} "
+                        f"(rank {len(want)}), got {protos.shape_text(got)}",
                     )
             feeds[key] = tf.constant(array)
         outputs = list(request.output_filter) or sorted(signature.outputs)
@@ -356,20 +139,18 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         try:
             result = entry.loaded.signatures[name](**feeds)
         except tf.errors.OpError as err:
-            code = _GRPC_CODE.get(err.error_code, grpc.StatusCode.UNKNOWN)
-            raise RpcError(code, err.message) from None
+            raise RpcError(protos.grpc_code(err.error_code), err.message) from None
         response = predict_pb2.PredictResponse()
         response.model_spec.name = self.manager.model_name
         response.model_spec.version.value = entry.version
         response.model_spec.signature_name = name
         for alias in outputs:
-            response.outputs[alias].CopyFrom(tf.make_tensor_proto(result[alias].numpy()))
+            response.outputs[alias].CopyFrom(protos.tensor_proto(result[alias].numpy()))
         return response
 
     def Predict(self, request, context):  # noqa: N802 - gRPC method name
         try:
-            if not request.HasField("model_spec"):
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+            _require_model_spec(request)
             entry = self.manager.resolve(request.model_spec)
             if self.delay_s > 0:
                 time.sleep(self.delay_s)
@@ -381,8 +162,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def GetModelMetadata(self, request, context):  # noqa: N802 - gRPC method name
         try:
-            if not request.HasField("model_spec"):
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+            _require_model_spec(request)
             if not request.metadata_field:
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -398,10 +178,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         f"Metadata field {field} is not supported",
                     )
-                signatures = get_model_metadata_pb2.SignatureDefMap()
-                for key, value in entry.signature_defs.items():
-                    signatures.signature_def[key].CopyFrom(value)
-                response.metadata["signature_def"].Pack(signatures)
+                protos.pack_signature_defs(response, entry.signature_defs)
             return response
         except RpcError as err:
             context.abort(err.code, err.message)
@@ -415,18 +192,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request, context):  # noqa: N802 - gRPC method name
         try:
-            if not request.HasField("model_spec"):
-                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
+            _require_model_spec(request)
             spec = request.model_spec
             version = spec.version.value if spec.HasField("version") else None
             if spec.WhichOneof("version_choice") == "version_label":
-                label = spec.version_label
-                if label not in self.manager.version_labels:
-                    raise RpcError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"Unrecognized servable version label: {label}",
-                    )
-                version = self.manager.version_labels[label]
+                version = self.manager.labelled_version(spec.version_label)
             response = get_model_status_pb2.GetModelStatusResponse()
             for entry in self.manager.statuses(spec.name, version):
                 status = response.model_version_status.add()
@@ -557,27 +327,8 @@ class DevServer:
 
 
 # --------------------------------------------------------------------------------------------
-# Command line
+# TLS material
 # --------------------------------------------------------------------------------------------
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("model_base", None, "TF-Serving base path holding MODEL/VERSION/.")
-    flags.DEFINE_string("model_name", contract.MODEL_NAME, "Model name (and its directory).")
-    flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 exposes it).")
-    flags.DEFINE_integer("port", 8500, "gRPC port (TF-Serving's is 8500).")
-    flags.DEFINE_list("versions", [], "Serve exactly these versions (default: the latest).")
-    flags.DEFINE_list("version_labels", [], "label=version pairs, e.g. stable=3,canary=4.")
-    flags.DEFINE_integer("max_message_bytes", contract.MAX_MESSAGE_BYTES, "gRPC size limit.")
-    flags.DEFINE_float("delay_s", 0.0, "Sleep before each Predict (deadline testing).")
-    flags.DEFINE_integer("max_workers", 4, "Concurrent requests.")
-    flags.DEFINE_float("poll_s", 0.0, "Re-scan the base path for versions (0: never).")
-    flags.DEFINE_string("tls_cert", None, "PEM server certificate (enables TLS).")
-    flags.DEFINE_string("tls_key", None, "PEM server private key.")
-    flags.DEFINE_string("tls_client_ca", None, "PEM CA for client certificates (mutual TLS).")
-    flags.mark_flag_as_required("model_base")
 
 
 def _read_tls_file(path: str) -> bytes:
@@ -589,61 +340,8 @@ def _read_tls_file(path: str) -> bytes:
         raise OSError(f"{path}: cannot read TLS file ({err.message})") from None
 
 
-def _parse_labels(pairs: Sequence[str]) -> dict[str, int]:
-    labels = {}
-    for pair in pairs:
-        label, sep, version = pair.partition("=")
-        if not sep or not label or not version.isdigit():
-            raise ValueError(f"--version_labels: expected label=version, got {pair!r}")
-        labels[label] = int(version)
-    return labels
-
-
-def main(argv: Sequence[str]) -> int:
-    from absl import flags
-
-    del argv
-    f = flags.FLAGS
-    try:
-        versions = [int(v) for v in f.versions]
-    except ValueError:
-        raise SystemExit(f"--versions: expected integers, got {f.versions}") from None
-    try:
-        io_utils.ensure_filesystems(f.model_base, f.tls_cert, f.tls_key, f.tls_client_ca)
-    except ImportError as err:  # MissingExtraError: s3:// without tensorflow-io
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    try:
-        labels = _parse_labels(f.version_labels)
-        server = DevServer(
-            os.path.expanduser(f.model_base),
-            f.model_name,
-            host=f.host,
-            port=f.port,
-            versions=versions or None,
-            version_labels=labels,
-            max_message_bytes=f.max_message_bytes,
-            delay_s=f.delay_s,
-            max_workers=f.max_workers,
-            tls_cert=f.tls_cert,
-            tls_key=f.tls_key,
-            tls_client_ca=f.tls_client_ca,
-            background_load=True,
-            poll_s=f.poll_s,
-        )
-    except (ValueError, OSError) as err:
-        raise SystemExit(str(err)) from None
-    server.start()
-    print(f"serving model '{f.model_name}' from {f.model_base} on {server.target}", flush=True)
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        server.stop()
-    return 0
-
-
 if __name__ == "__main__":
-    from tf_agg3d.serving.cli import run_cli
+    # `python -m tf_agg3d.serving.dev_server` is the `agg3d-serve` command of the CLI layer.
+    from tf_agg3d.cli.serving import run_serve
 
-    _define_flags()
-    run_cli(main)
+    run_serve()

@@ -1,8 +1,11 @@
-"""Serving failures as one exception type with messages a user can act on.
+"""Serving failures: the client's, the exporter's and the development server's exceptions.
 
-Every gRPC status TF-Serving answers with is turned into a sentence that says what was asked
-(target, model, version, signature), what the server said, and what to do about it, so the
-client's command line can print it without a traceback.
+A client call fails with one exception type, :class:`ServingError`, whose message a user can
+act on: :func:`explain_status` turns every gRPC status TF-Serving answers with into a sentence
+that says what was asked (target, model, version, signature), what the server said, and what
+to do about it, so the client's command line can print it without a traceback. An export fails
+with :class:`ExportError`; inside the development server a request fails with
+:class:`RpcError`, the status it answers with.
 """
 
 from __future__ import annotations
@@ -26,6 +29,19 @@ class ServingError(RuntimeError):
 
 class ExportError(RuntimeError):
     """A SavedModel export or a serving config could not be written as asked."""
+
+
+class RpcError(Exception):
+    """A request to the development server fails with this gRPC status and message.
+
+    Raised by its servables and services; the servicers turn it into ``context.abort``, so a
+    client sees it as TF-Serving's answer (a :class:`ServingError` there).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def _what(model: str, version: int | None, label: str | None) -> str:

@@ -4,8 +4,8 @@ ABS is boosting by hard examples: after a training round, the current model runs
 training scan, and its confident false positives (proposals scoring at least
 ``train.abs_score_threshold`` whose centre lies in no nodule's sphere and no excluded finding)
 are stored; the next round centres ``data.abs_fraction`` of its crops on them
-(:class:`tf_agg3d.data.pipeline.CropSampler`). The file lives in the model directory, written
-atomically::
+(:class:`tf_agg3d.dataloaders.input_pipeline.CropSampler`). The file lives in the model
+directory, written atomically::
 
   {"format": "tf_agg3d.abs.v1", "checkpoint": ..., "step": ..., "score_threshold": ...,
    "num_scans": ..., "hard_negatives": [{"seriesuid", "z", "y", "x", "d", "score"}, ...]}
@@ -13,7 +13,7 @@ atomically::
 (cache voxels / mm, like the sidecar's nodules).
 
 The scans are searched by the same whole-scan graph as ``predict``
-(:class:`~tf_agg3d.inference.whole_scan.WholeScanDetector`) with windows of the training crop
+(:class:`~tf_agg3d.models.whole_scan.WholeScanDetector`) with windows of the training crop
 size, each scan padded with its own ``fill_hu``. The same search gives the validation summaries
 (sensitivity and false positives per scan on a few held-out scans).
 """
@@ -29,8 +29,8 @@ import tensorflow as tf
 
 from tf_agg3d.config import ExperimentConfig
 from tf_agg3d.data import cache as cache_lib
-from tf_agg3d.data.pipeline import ABS_FORMAT, Scan
-from tf_agg3d.inference.whole_scan import WholeScanDetector
+from tf_agg3d.dataloaders.input_pipeline import ABS_FORMAT, CachedScan
+from tf_agg3d.models.whole_scan import WholeScanDetector
 from tf_agg3d.utils import io as uio
 
 ABS_FILE = "abs_hard_negatives.json"
@@ -39,7 +39,7 @@ ABS_FILE = "abs_hard_negatives.json"
 class ScanScorer:
     """Whole-scan detections of cache volumes by a (training) detector.
 
-    A thin layer over :class:`~tf_agg3d.inference.whole_scan.WholeScanDetector`, the code
+    A thin layer over :class:`~tf_agg3d.models.whole_scan.WholeScanDetector`, the code
     that ``predict`` and the SavedModel run, with windows of the training crop size; it adds
     what training needs: the padding value of each scan (from its sidecar) and NumPy results.
 
@@ -105,7 +105,7 @@ def inside_any(centres: np.ndarray, spheres: np.ndarray) -> np.ndarray:
 
 def evaluate_scans(
     scorer: ScanScorer,
-    scans: Sequence[Scan],
+    scans: Sequence[CachedScan],
     cache_dir: str,
     thresholds: Sequence[float] = (0.269, 0.5, 0.9),
 ) -> dict:
@@ -153,7 +153,7 @@ def evaluate_scans(
 
 def find_hard_negatives(
     scorer: ScanScorer,
-    scans: Sequence[Scan],
+    scans: Sequence[CachedScan],
     cache_dir: str,
     score_threshold: float,
     max_per_scan: int,
@@ -195,7 +195,7 @@ def write_abs_file(path: str, entries: list[dict], checkpoint: str, step: int, c
 
 
 def run_abs(
-    config: ExperimentConfig, model_dir: str, model, train_scans: Sequence[Scan], log=print
+    config: ExperimentConfig, model_dir: str, model, train_scans: Sequence[CachedScan], log=print
 ) -> dict:
     """The ``abs`` phase: hard negatives of every training scan -> ``MODEL_DIR/abs_...json``.
 
@@ -209,7 +209,7 @@ def run_abs(
     Returns:
       A summary dict (file, counts, seconds).
     """
-    from tf_agg3d.training.checkpoints import checkpoint_step, latest_model_checkpoint
+    from tf_agg3d.models.checkpoints import checkpoint_step, latest_model_checkpoint
 
     start = time.time()
     t = config.train

@@ -5,6 +5,7 @@ can abort inside the AWS SDK's static destructors ("pure virtual method called",
 status 134), turning a successful run into a failed one for shells and schedulers. The work is
 complete by then, so entry points that touched object storage flush what they wrote and leave
 with :func:`exit_now`, which skips the interpreter's (and those destructors') shutdown.
+Commands end through :func:`tf_agg3d.cli.exit.run`, which calls :func:`exit_after`.
 """
 
 from __future__ import annotations
@@ -46,25 +47,3 @@ def exit_after(main_result: int | None) -> None:
     if "tensorflow_io" in sys.modules:
         exit_now(main_result)
     sys.exit(main_result)
-
-
-def run_and_exit(main, argv) -> None:
-    """Calls ``main(argv)`` and ends the process with its status through :func:`exit_after`.
-
-    A ``SystemExit`` raised inside `main` (``sys.exit``, ``raise SystemExit("message")``) is
-    turned into its status here, printing a message as the interpreter would, because letting
-    it propagate would reach the interpreter's shutdown, which can abort after S3 use (module
-    docstring). Use it as the function handed to ``absl.app.run``.
-
-    Args:
-      main: the entry point's body, returning the exit status (an int, or None for 0).
-      argv: the arguments absl passes on.
-    """
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-        if code is not None and not isinstance(code, int):
-            print(code, file=sys.stderr)
-            code = 1
-    exit_after(code)

@@ -1,0 +1,1 @@
+"""The LUNA16 download: its folder layout and its CSV files (annotations, candidates, lists)."""

@@ -1,0 +1,1 @@
+"""Scan -> cache entry (resampling grid, lung masks, cropping) and the resumable job runner."""

@@ -1,0 +1,1 @@
+"""Scan readers: SimpleITK (any format it reads, DICOM folders) and tensorflow-io (DICOM)."""

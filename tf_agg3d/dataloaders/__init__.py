@@ -1,0 +1,1 @@
+"""The tf.data training input: crops from the cache, augmentation, anchor targets."""

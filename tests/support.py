@@ -19,6 +19,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
 
 
+# oneDNN's Conv3D kernels sum a weight gradient in an order that depends on the batch size and
+# the CPU (on AVX-512/AMX Xeons a one-crop and a two-crop batch differ by ~1e-4 relative), so
+# tests that compare two replicas with one device run on TensorFlow's own kernels, whose
+# rounding the layers under test can match.
+REPLICA_EQUALITY_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
 def subprocess_env(extra=None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
@@ -114,6 +121,28 @@ def tiny_config_file(tmp_path, sections=None) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(settings, f, default_flow_style=None, sort_keys=False)
     return path
+
+
+def train_command(tmp_path, model_dir, *extra, cache=None) -> list:
+    """The `python -m tf_agg3d.train` command line on the tiny config (see tiny_config_file).
+
+    Args:
+      extra: further arguments, appended after ``--config`` and ``--model-dir``.
+      cache: the ``--cache`` directory; None leaves the flag out.
+    """
+    cmd = [
+        PYTHON,
+        "-m",
+        "tf_agg3d.train",
+        "--config",
+        tiny_config_file(tmp_path),
+        "--model-dir",
+        str(model_dir),
+        *[str(a) for a in extra],
+    ]
+    if cache is not None:
+        cmd += ["--cache", str(cache)]
+    return cmd
 
 
 def tiny_config(tmp_path, cache_dir, overrides=()):

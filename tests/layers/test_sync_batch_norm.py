@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import PYTHON, REPO, subprocess_env
+from support import PYTHON, REPLICA_EQUALITY_ENV, REPO, subprocess_env
 
 from tf_agg3d.layers.dense_block import DenseLayer, Transition
 from tf_agg3d.layers.sync_batch_norm import SyncBatchNormalization
@@ -210,7 +210,7 @@ def test_two_replicas_give_the_one_device_gradients(tmp_path):
     proc = subprocess.run(
         [PYTHON, str(script)],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env(REPLICA_EQUALITY_ENV),
         capture_output=True,
         text=True,
         timeout=240,

@@ -14,7 +14,15 @@ import subprocess
 import textwrap
 
 import pytest
-from support import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
+from support import (
+    PYTHON,
+    REPLICA_EQUALITY_ENV,
+    REPO,
+    subprocess_env,
+    tiny_config_file,
+    train_command,
+    write_cache,
+)
 
 EQUIVALENCE_SCRIPT = textwrap.dedent(
     """
@@ -118,7 +126,7 @@ def test_mirrored_two_cpus_equal_one_device(tmp_path):
     proc = subprocess.run(
         [PYTHON, str(script), tiny_config_file(tmp_path), cache, str(tmp_path / "work")],
         cwd=REPO,
-        env=subprocess_env(),
+        env=subprocess_env(REPLICA_EQUALITY_ENV),
         capture_output=True,
         text=True,
         timeout=480,
@@ -151,21 +159,7 @@ def test_multi_worker_two_processes_run_two_steps(tmp_path):
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
         procs.append(
             subprocess.Popen(
-                [
-                    PYTHON,
-                    "-m",
-                    "tf_agg3d.train",
-                    "--config",
-                    tiny_config_file(tmp_path),
-                    "--model-dir",
-                    str(model_dir),
-                    "--cache",
-                    cache,
-                    "--phase",
-                    "rpn",
-                    "--max-steps",
-                    "2",
-                ],
+                train_command(tmp_path, model_dir, "--phase", "rpn", "--max-steps", 2, cache=cache),
                 cwd=REPO,
                 env=subprocess_env({"TF_CONFIG": json.dumps(tf_config)}),
                 stdout=subprocess.PIPE,

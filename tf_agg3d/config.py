@@ -1,15 +1,17 @@
 """Typed experiment configuration: dataclasses with defaults, YAML files, strict overrides.
 
 A config is a tree of dataclasses rooted at :class:`ExperimentConfig`. YAML files in
-`configs/` set any subset of its fields; ``key.sub=value`` overrides from the command line
-come last. Unknown keys and values of the wrong type raise :class:`ConfigError` naming the
-dotted key, before any work starts. Library code takes these objects; only the entry points
-know about flags.
+`configs/` set any subset of its fields, and a file may name a ``base:`` file it holds only the
+difference from; ``key.sub=value`` overrides from the command line come last. Unknown keys and
+values of the wrong type raise :class:`ConfigError` naming the dotted key, before any work
+starts. Library code takes these objects; only the entry points know about flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import posixpath
 import types
 import typing
 from typing import Any
@@ -84,10 +86,30 @@ class DataConfig:
 class AnchorConfig:
     """Anchor diameters (mm) per pyramid stride. Defaults: the paper's "anchor1"."""
 
+    # The pyramid levels that carry an RPN head and anchors: any subset of the backbone's
+    # strides (model.backbone: 4, 8, 16), one size list each. The backbone still computes every
+    # level and the FPRN aggregates all of them. Default: the paper's "Multi-Scale" (Table II
+    # rows c-f). Table II rows a/b ("single scale") are, in our reading of Section IV.B's
+    # "{4, 6, 8, 12, 16, 24} mm at the feature layer of 4 mm resolution", strides: [4] with
+    # sizes: [[4, 6, 8, 12, 16, 24]]: all six anchor1 sizes on the stride-4 map (our choice).
     strides: tuple[int, ...] = (4, 8, 16)
     sizes: tuple[tuple[float, ...], ...] = ((4.0, 6.0), (8.0, 12.0), (16.0, 24.0))
     positive_iou: float = 0.5
     negative_iou: float = 0.02
+
+    def __post_init__(self):
+        strides = list(self.strides)
+        if not strides:
+            raise ConfigError("model.anchors.strides: at least one stride is required")
+        if len(set(strides)) != len(strides) or any(int(s) < 1 for s in strides):
+            raise ConfigError(f"model.anchors.strides {strides}: distinct positive strides")
+        if len(self.sizes) != len(strides):
+            raise ConfigError(
+                f"model.anchors.sizes: one size list per anchor stride is required "
+                f"({len(strides)} strides {strides}, {len(self.sizes)} size lists)"
+            )
+        if any(len(group) == 0 for group in self.sizes):
+            raise ConfigError("model.anchors.sizes: every size list needs at least one size")
 
 
 @dataclasses.dataclass
@@ -125,9 +147,17 @@ class FPRConfig:
     crop_margin_cells: float = 1.0
     roi_output_size: int = 2
     roi_sampling_ratio: int = 2
-    # Local Magnification: each level's crop is cut as a fixed patch of this many cells per
-    # side around the proposal centre, then magnified 2**magnify_stages times. Aligned crops
-    # larger than the patch are clipped to it.
+    # Local Magnification (tf_agg3d/layers/local_magnification.py). Each level's crop is cut as
+    # a fixed cube of cells around the proposal centre and put through magnify_stages stages of
+    # [2x2x2 transposed conv + magnify_layers_per_stage bottlenecks]; the aligned crop box is
+    # RoI-Aligned inside the result (parts of it outside the cube are clipped away).
+    #   table1: the paper's Table I, in our reading: a magnify_crop_cells^3 crop (3: the
+    #     proposal's cell and a one-cell margin), stride-1 'valid' transposed convs adding one
+    #     cell each (3 -> 4 -> 5: "Magnify Output 5 x 5 x 5"), same cell spacing as the level.
+    #   patch: our earlier variant: a magnify_patch_cells^3 patch (4), stride-2 transposed
+    #     convs doubling it per stage (4 -> 8 -> 16).
+    magnify_mode: str = "table1"
+    magnify_crop_cells: int = 3
     magnify_patch_cells: int = 4
     magnify_stages: int = 2
     magnify_layers_per_stage: int = 2
@@ -135,6 +165,17 @@ class FPRConfig:
     dropout: float = 0.0
     # Use the compiled custom op when it is built (training / local inference only).
     use_custom_op: bool = True
+
+    def __post_init__(self):
+        if self.magnify_mode not in ("table1", "patch"):
+            raise ConfigError(
+                f"model.fpr.magnify_mode: {self.magnify_mode!r} not in ['patch', 'table1']"
+            )
+        for key in ("magnify_crop_cells", "magnify_patch_cells"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.fpr.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.magnify_stages < 0:
+            raise ConfigError(f"model.fpr.magnify_stages: must be >= 0, got {self.magnify_stages}")
 
 
 @dataclasses.dataclass
@@ -159,6 +200,21 @@ class ModelConfig:
     anchors: AnchorConfig = dataclasses.field(default_factory=AnchorConfig)
     fpr: FPRConfig = dataclasses.field(default_factory=FPRConfig)
     proposals: ProposalConfig = dataclasses.field(default_factory=ProposalConfig)
+
+    @property
+    def pyramid_strides(self) -> tuple[int, ...]:
+        """The backbone's pyramid strides, finest first: ``2 * 2**k``, k = 1 .. #transitions."""
+        return tuple(2 ** (k + 1) for k in range(1, len(self.backbone.transition_channels) + 1))
+
+    def __post_init__(self):
+        pyramid = self.pyramid_strides
+        extra = [int(s) for s in self.anchors.strides if int(s) not in pyramid]
+        if extra:
+            raise ConfigError(
+                f"model.anchors.strides {list(self.anchors.strides)}: must be a subset of the "
+                f"backbone's pyramid strides {list(pyramid)} (model.backbone.transition_channels "
+                f"has {len(pyramid)} entries); {extra} not among them"
+            )
 
 
 @dataclasses.dataclass
@@ -185,6 +241,10 @@ class TrainConfig:
 
     # rpn (phase 1) | joint (phase 2, default) | alternating (phase 2 option) | abs
     phase: str = "rpn"
+    # The recipe: the phases (`train --phase S`) a cross-validation runner executes in order on
+    # one model directory. The paper's: phase 1, joint phase 2, one Anchor Based Sampling round
+    # (`abs` mines hard negatives; the phase after it trains train.abs_epochs more epochs).
+    stages: tuple[str, ...] = ("rpn", "joint", "abs", "joint")
     epochs: int = 50
     # 0: ceil(training scans / data.batch_size), one crop per scan per epoch.
     steps_per_epoch: int = 0
@@ -379,6 +439,16 @@ def load_config(
 ) -> ExperimentConfig:
     """Loads an :class:`ExperimentConfig` from defaults, a YAML file and key=value overrides.
 
+    Inheritance: a file may name another with a top-level ``base: other.yaml`` (a path relative
+    to the naming file's folder, or absolute, or a URL) and then holds only its difference.
+    The base is loaded first (its own ``base`` too: chains are allowed, cycles are refused),
+    then the file is merged over it: mappings merge key by key, any other value (a list
+    included) replaces the base's whole. Each file of a chain is checked for unknown keys and
+    wrong types, and an error names that file.
+
+    Order, later wins: the defaults (or `base`), the chain's root file ... the file itself, then
+    the overrides.
+
     Args:
       path: YAML file (local path or any `tf.io.gfile` URL), or None for the defaults.
       overrides: strings such as ``"data.batch_size=4"`` or ``"model.anchors.sizes=[[5,10]]"``.
@@ -386,20 +456,12 @@ def load_config(
         trained model's config.yaml.
 
     Raises:
-      ConfigError: a file that cannot be read or parsed, an unknown key, a wrong type.
+      ConfigError: a file that cannot be read or parsed, an unknown key, a wrong type, a
+        ``base`` cycle (naming the files), a bad value of ``train.stages``.
     """
     data: dict = to_dict(base) if base is not None else {}
     if path:
-        text = _read_text(path)
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        data = _merge(data, loaded)
+        data = _merge(data, _load_file_chain(path, ()))
     for text in overrides:
         keys, value = parse_override(text)
         nested: Any = value
@@ -410,9 +472,85 @@ def load_config(
     try:
         config = from_dict(ExperimentConfig, data)
         check_consistency(config)
+        check_stages(config.train.stages)
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
     return config
+
+
+# The top-level key naming a file's base config (not a config field).
+BASE_KEY = "base"
+
+
+def _load_yaml_mapping(path: str) -> dict:
+    try:
+        loaded = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return loaded
+
+
+def _resolve_base(path: str, ref: str) -> str:
+    """`ref` (a ``base:`` value) as a path: relative to the folder of the file `path`."""
+    if "://" in ref or os.path.isabs(ref):
+        return ref
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), ref))}"
+    return os.path.normpath(os.path.join(os.path.dirname(path), ref))
+
+
+def _chain_key(path: str) -> str:
+    return path if "://" in path else os.path.realpath(path)
+
+
+def _load_file_chain(path: str, chain: tuple[str, ...]) -> dict:
+    """The plain data of `path` merged over its ``base`` chain (see :func:`load_config`).
+
+    Args:
+      path: the file.
+      chain: the files that named this one as their base, outermost first (cycle check).
+    """
+    if _chain_key(path) in {_chain_key(p) for p in chain}:
+        names = " -> ".join((*chain, path))
+        raise ConfigError(f"config base cycle: {names} (a file cannot be its own base)")
+    loaded = _load_yaml_mapping(path)
+    data: dict = {}
+    if BASE_KEY in loaded:
+        ref = loaded.pop(BASE_KEY)
+        if not isinstance(ref, str) or not ref.strip():
+            raise ConfigError(f"{path}: {BASE_KEY}: expected a config file name, got {ref!r}")
+        data = _load_file_chain(_resolve_base(path, ref.strip()), (*chain, path))
+    data = _merge(data, loaded)
+    try:
+        from_dict(ExperimentConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return data
+
+
+# Phases a recipe (train.stages) may name; `train --phase` takes the same names.
+STAGES = ("rpn", "joint", "alternating", "abs")
+
+
+def check_stages(stages: tuple[str, ...]) -> None:
+    """Refuses a recipe that cannot run: empty, an unknown phase, or ``abs`` first (Anchor
+    Based Sampling mines the hard negatives of a trained model).
+
+    Raises:
+      ConfigError: naming ``train.stages``.
+    """
+    if not stages:
+        raise ConfigError("train.stages: empty (the recipe needs at least one phase)")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"train.stages: unknown phase(s) {unknown} (known: {', '.join(STAGES)})")
+    if stages[0] == "abs":
+        raise ConfigError("train.stages: 'abs' cannot come first (it needs a trained model)")
 
 
 # Settings two sections hold that must agree: (key, key, getter of each, why).

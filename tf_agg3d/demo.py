@@ -23,7 +23,7 @@ from absl import flags
 
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
-from tf_agg3d.cli.demo_steps import predict_and_evaluate, run_step, train_phases
+from tf_agg3d.cli.demo_steps import Demo
 from tf_agg3d.utils.io import atomic_write_text
 
 FLAGS = flags.FLAGS
@@ -56,38 +56,24 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
     opts = cli_flags.values()
-    out = opts.out
-    raw, cache, model_dir = (os.path.join(out, p) for p in ("luna16", "cache", "model"))
-    test_subsets = {int(s) for s in opts.test_subsets}
-    timings = {}
-    timings["generate"] = run_step(
-        "generate",
-        [
-            "tf_agg3d.data.synthetic",
-            "--out",
-            raw,
-            "--n-scans",
-            str(opts.n_scans),
-            "--seed",
-            str(opts.seed),
-        ],
-    )
-    timings["preprocess"] = run_step(
-        "preprocess", ["tf_agg3d.preprocess", "--luna-root", raw, "--out", cache]
-    )
-    by_subset = _uids_by_subset(cache)
+    demo = Demo(opts.out, "luna16")
+    test_subsets = set(cli_flags.integers("test-subsets", opts.test_subsets))
+    demo.generate("tf_agg3d.data.synthetic", "scans", opts.n_scans, opts.seed)
+    demo.step("preprocess", ["tf_agg3d.preprocess", "--luna-root", demo.raw, "--out", demo.cache])
+    by_subset = _uids_by_subset(demo.cache)
     train_uids = [u for s, us in by_subset.items() if s not in test_subsets for u in us]
     test_uids = [u for s, us in by_subset.items() if s in test_subsets for u in us]
     lists = {}
     for name, uids in (("train", train_uids), ("test", test_uids)):
-        lists[name] = os.path.join(out, f"{name}_seriesuids.csv")
+        lists[name] = os.path.join(opts.out, f"{name}_seriesuids.csv")
         atomic_write_text(lists[name], "".join(f"{u}\n" for u in uids))
     print(f"{len(train_uids)} training scans, {len(test_uids)} held-out scans", flush=True)
 
-    steps = {"rpn": opts.rpn_steps, "joint": opts.joint_steps}
-    train_phases(opts.config, model_dir, cache, lists["train"], steps, timings)
+    demo.train_phases(
+        opts.config, lists["train"], {"rpn": opts.rpn_steps, "joint": opts.joint_steps}
+    )
 
-    summary, eval_dir = predict_and_evaluate(out, model_dir, cache, lists["test"], raw, timings)
+    summary, eval_dir = demo.predict_and_evaluate(lists["test"], demo.raw)
     print("\n=== demo finished", flush=True)
     print(
         json.dumps(
@@ -97,7 +83,7 @@ def main(argv) -> int:
                     zip(map(str, summary["fp_rates"]), summary["sensitivities"], strict=False)
                 ),
                 "held_out_scans": len(test_uids),
-                "seconds": {k: round(v, 1) for k, v in timings.items()},
+                "seconds": demo.seconds(),
                 "froc_curve": os.path.join(eval_dir, "froc.png"),
                 "gallery": os.path.join(eval_dir, "gallery"),
             },

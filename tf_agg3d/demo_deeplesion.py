@@ -22,7 +22,7 @@ from absl import flags
 
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
-from tf_agg3d.cli.demo_steps import predict_and_evaluate, run_step, train_phases
+from tf_agg3d.cli.demo_steps import Demo
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "demo_out/deeplesion", "Folder for every artefact of the demo.")
@@ -86,38 +86,29 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
     opts = cli_flags.values()
-    out = opts.out
-    raw, cache, model_dir = (os.path.join(out, p) for p in ("deeplesion", "cache", "model"))
-    timings = {}
-    timings["generate"] = run_step(
-        "generate",
-        [
-            "tf_agg3d.data.synthetic_deeplesion",
-            "--out",
-            raw,
-            "--n-series",
-            str(opts.n_series),
-            "--seed",
-            str(opts.seed),
-            "--size",
-            str(opts.size),
-        ],
+    demo = Demo(opts.out, "deeplesion")
+    demo.generate(
+        "tf_agg3d.data.synthetic_deeplesion",
+        "series",
+        opts.n_series,
+        opts.seed,
+        ["--size", str(opts.size)],
     )
-    timings["preprocess"] = run_step(
+    demo.step(
         "preprocess",
         [
             "tf_agg3d.preprocess_deeplesion",
             "--root",
-            raw,
+            demo.raw,
             "--out",
-            cache,
+            demo.cache,
             "--workers",
             str(opts.workers),
             "--config",
             opts.config,
         ],
     )
-    lists = {name: os.path.join(cache, f"{name}_seriesuids.csv") for name in ("train", "test")}
+    lists = {name: os.path.join(demo.cache, f"{name}_seriesuids.csv") for name in ("train", "test")}
     counts = {}
     for name, path in lists.items():
         with open(path) as f:
@@ -126,17 +117,12 @@ def main(argv) -> int:
             raise SystemExit(f"no {name} series in {path}: generate more series (--n-series)")
     print(f"{counts['train']} training series (split 1), {counts['test']} test (split 3)")
 
-    steps = {"rpn": opts.rpn_steps, "joint": opts.joint_steps}
-    train_phases(opts.config, model_dir, cache, lists["train"], steps, timings)
+    demo.train_phases(
+        opts.config, lists["train"], {"rpn": opts.rpn_steps, "joint": opts.joint_steps}
+    )
 
-    summary, eval_dir = predict_and_evaluate(
-        out,
-        model_dir,
-        cache,
-        lists["test"],
-        cache,
-        timings,
-        ["--config", opts.config, "--size-edges-mm", "10,30"],
+    summary, eval_dir = demo.predict_and_evaluate(
+        lists["test"], demo.cache, ["--config", opts.config, "--size-edges-mm", "10,30"]
     )
     print("\n=== FROC on split 3 (LUNA16 criterion), by lesion type and diameter", flush=True)
     print(breakdown_table(summary), flush=True)
@@ -149,7 +135,7 @@ def main(argv) -> int:
                 .get("overall_without_large", {})
                 .get("froc_score"),
                 "test_series": counts["test"],
-                "seconds": {k: round(v, 1) for k, v in timings.items()},
+                "seconds": demo.seconds(),
                 "evaluation": eval_dir,
             },
             indent=1,

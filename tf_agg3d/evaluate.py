@@ -5,7 +5,13 @@ Evaluate a predictions CSV (official LUNA16 FROC, bootstrap CI, TNP, breakdowns,
   python -m tf_agg3d.evaluate --annotations annotations.csv \
       --excluded annotations_excluded.csv --predictions preds.csv \
       --seriesuids seriesuids.csv --out eval_dir [--bootstrap 1000] [--seed 0] \
-      [--cache CACHE] [--tnp-sensitivity 0.95]
+      [--cache CACHE] [--tnp-sensitivity 0.95] \
+      [--score-column probability|rpn_score|fpr_score|all]
+
+``--score-column`` picks the score the FROC ranks the marks by: ``probability`` (default, the
+combined score of a LUNA16 submission), or the RPN / FPRN branch score ``predict`` writes
+(``rpn_score``, ``fpr_score``). ``all`` evaluates ``probability`` and adds the FROC of all three
+columns to the summary (``branches``, paper Table III), with a table of them on stderr.
 
 Merge two predictions CSVs (paper Table III, "Merged (Union/Intersection)")::
 
@@ -27,6 +33,7 @@ from absl import flags, logging
 
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
+from tf_agg3d.cli import output as cli_output
 from tf_agg3d.config import ConfigError, EvalConfig
 from tf_agg3d.data.errors import DataError
 
@@ -65,6 +72,13 @@ flags.DEFINE_bool(
     False,
     "Ignore marks of scans not in the list (official) instead of stopping with an error.",
 )
+flags.DEFINE_enum(
+    "score-column",
+    "probability",
+    ["probability", "rpn_score", "fpr_score", "all"],
+    "Score the FROC ranks by: the combined probability, the RPN or FPRN branch score, or "
+    "'all' (probability, plus the three FROCs in summary 'branches').",
+)
 flags.DEFINE_string("a", None, "ensemble: first predictions CSV.")
 flags.DEFINE_string("b", None, "ensemble: second predictions CSV.")
 flags.DEFINE_enum("mode", "union", ["union", "intersection"], "ensemble: keep or drop unpaired.")
@@ -90,7 +104,7 @@ def _eval_config(opts) -> EvalConfig:
 def _run_evaluate(opts) -> None:
     from tf_agg3d.evaluation.breakdown import BreakdownConfig
     from tf_agg3d.evaluation.gallery import GalleryConfig
-    from tf_agg3d.evaluation.report import EvalInputs, evaluate
+    from tf_agg3d.evaluation.report import EvalInputs, evaluate, format_branch_table
 
     cli_flags.require("annotations", "predictions", "out")
     try:
@@ -105,6 +119,7 @@ def _run_evaluate(opts) -> None:
         skip_seriesuid_header=opts.skip_seriesuid_header,
         unknown_seriesuids="ignore" if opts.ignore_unknown_seriesuids else "error",
         label=opts.label or "",
+        score_column=opts.score_column,
     )
     summary = evaluate(
         inputs,
@@ -118,6 +133,9 @@ def _run_evaluate(opts) -> None:
         warn=logging.warning,
     )
     print(json.dumps(summary, indent=1))
+    if "branches" in summary:
+        for line in format_branch_table(summary["branches"], summary["fp_rates"]).splitlines():
+            cli_output.note(line)
 
 
 def _run_ensemble(opts) -> None:

@@ -50,13 +50,6 @@ flags.DEFINE_list("versions", [], "Versions served by the 'specific' policy.")
 flags.DEFINE_list("version-labels", [], "label=version pairs, e.g. stable=3,canary=4.")
 
 
-def _ints(name: str, values) -> list[int]:
-    try:
-        return [int(v) for v in values]
-    except ValueError:
-        raise cli_exit.UsageError(f"--{name}: expected integers, got {','.join(values)}") from None
-
-
 def main(argv) -> int:
     """The command's body (flags already parsed): returns the exit status."""
     if len(argv) > 1:
@@ -77,7 +70,7 @@ def main(argv) -> int:
         raise cli_exit.UsageError(
             "give --model-dir (export) and/or --models-config (serving config)"
         )
-    shape = _ints("max-volume-shape", opts.max_volume_shape)
+    shape = cli_flags.integers("max-volume-shape", opts.max_volume_shape)
     if len(shape) != 3:
         raise cli_exit.UsageError(
             f"--max-volume-shape: expected D,H,W, got {opts.max_volume_shape}"
@@ -113,7 +106,7 @@ def main(argv) -> int:
                 base_path=opts.serving_base_path or join(base, opts.model_name),
                 version_policy=opts.version_policy,
                 num_versions=opts.num_versions,
-                versions=tuple(_ints("versions", opts.versions)),
+                versions=tuple(cli_flags.integers("versions", opts.versions)),
                 version_labels=labels,
             )
             write_models_config(opts.models_config, [model])

@@ -86,10 +86,7 @@ def _check_usage(opts) -> list[int] | None:
         raise cli_exit.UsageError("--seriesuids needs --cache or --luna-root")
     if opts.subsets and not opts.luna_root:
         raise cli_exit.UsageError("--subsets needs --luna-root")
-    try:
-        return [int(k) for k in opts.subsets] if opts.subsets else None
-    except ValueError:
-        raise cli_exit.UsageError(f"--subsets must be integers 0..9, got {opts.subsets}") from None
+    return cli_flags.integers("subsets", opts.subsets) or None
 
 
 def main(argv) -> int:

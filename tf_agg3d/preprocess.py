@@ -18,9 +18,8 @@ from absl import flags
 
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
-from tf_agg3d.cli.output import report
+from tf_agg3d.cli import preprocess_steps as steps
 from tf_agg3d.config import PreprocessConfig
-from tf_agg3d.data.luna16.csv_io import read_seriesuids
 from tf_agg3d.data.preprocessing.runner import RunSummary, run_preprocess
 
 FLAGS = flags.FLAGS
@@ -29,12 +28,7 @@ flags.DEFINE_string(
 )
 flags.DEFINE_string("out", None, "Cache folder or URL to write <seriesuid>.npy/.json into.")
 flags.DEFINE_list("subsets", None, "Subset numbers, e.g. 0,1 (default: all subset* folders).")
-flags.DEFINE_integer("workers", 1, "Worker processes.", lower_bound=1)
-cli_flags.define_config_flags(
-    "YAML experiment config (its `preprocess` section is used).",
-    "Config override key=value, e.g. preprocess.fill_hu=-1000.",
-)
-flags.DEFINE_string("seriesuids", None, "File of seriesuids (one per line) to restrict to.")
+steps.define_flags("preprocess.fill_hu=-1000", "File of seriesuids (one per line) to restrict to.")
 flags.DEFINE_string("annotations", None, "annotations.csv (default: found under --luna-root).")
 flags.DEFINE_string("excluded", None, "annotations_excluded.csv (default: found under the root).")
 flags.mark_flags_as_required(["luna-root", "out"])
@@ -42,31 +36,24 @@ flags.mark_flags_as_required(["luna-root", "out"])
 
 def _convert(config: PreprocessConfig) -> RunSummary:
     opts = cli_flags.values()
-    subsets = [int(s) for s in opts.subsets] if opts.subsets else None
-    uids = read_seriesuids(opts.seriesuids) if opts.seriesuids else None
     return run_preprocess(
         opts.luna_root,
         opts.out,
         config,
-        subsets=subsets,
-        seriesuids=uids,
-        workers=opts.workers,
+        subsets=steps.numbers("subsets", opts.subsets),
         annotations_path=opts.annotations,
         excluded_path=opts.excluded,
-        report=report,
+        **steps.run_arguments(opts),
     )
 
 
 def main(argv: list[str]) -> int:
     """The command's body (flags already parsed): returns the exit status.
 
-    A bad configuration, a malformed CSV, a non-integer --subsets (ValueError) or a missing
+    A bad configuration, a malformed CSV, a non-integer --subsets (a usage error) or a missing
     tensorflow-io (ImportError) reach :func:`tf_agg3d.cli.exit.call`: status 2.
     """
-    if len(argv) > 1:
-        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
-    summary = _convert(cli_flags.load_config_from_flags().preprocess)
-    return cli_exit.items_status(summary.failed)
+    return steps.main(_convert, argv)
 
 
 def run() -> None:

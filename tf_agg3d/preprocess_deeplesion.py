@@ -25,23 +25,19 @@ from absl import flags
 
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
-from tf_agg3d.cli.output import report
+from tf_agg3d.cli import preprocess_steps as steps
 from tf_agg3d.config import PreprocessConfig
 from tf_agg3d.data.deeplesion.conversion import run_conversion
 from tf_agg3d.data.deeplesion.lesions import DeepLesionOptions
-from tf_agg3d.data.luna16.csv_io import read_seriesuids
 from tf_agg3d.data.preprocessing.runner import RunSummary
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "DeepLesion folder (Images_png/, DL_info.csv).")
 flags.DEFINE_string("out", None, "Cache folder to write <series>.npy/.json and the CSVs into.")
 flags.DEFINE_list("splits", None, "Train_Val_Test values to convert, e.g. 1,2,3 (default all).")
-flags.DEFINE_integer("workers", 1, "Worker processes.", lower_bound=1)
-cli_flags.define_config_flags(
-    "YAML experiment config (its `preprocess` section is used).",
-    "Config override key=value, e.g. preprocess.fill_hu=0.",
+steps.define_flags(
+    "preprocess.fill_hu=0", "File of series folder names (one a line) to restrict to."
 )
-flags.DEFINE_string("seriesuids", None, "File of series folder names (one a line) to restrict to.")
 flags.DEFINE_string("dl-info", None, "DL_info.csv (default: ROOT/DL_info.csv).")
 flags.DEFINE_bool("keep-noisy", False, "Keep rows with Possibly_noisy = 1 (the paper drops them).")
 flags.DEFINE_bool("merge", True, "Merge multi-annotated lesions (--nomerge to keep every row).")
@@ -55,10 +51,9 @@ flags.mark_flags_as_required(["root", "out"])
 
 def _convert(config: PreprocessConfig) -> RunSummary:
     opts = cli_flags.values()
-    splits = [int(s) for s in opts.splits] if opts.splits else None
+    splits = steps.numbers("splits", opts.splits)
     if splits is not None and any(s not in (1, 2, 3) for s in splits):
         raise ValueError(f"--splits must be values 1, 2, 3, got {opts.splits}")
-    uids = read_seriesuids(opts.seriesuids) if opts.seriesuids else None
     options = DeepLesionOptions(
         large_mm=opts.large_mm,
         small_lesion_mm=opts.small_lesion_mm,
@@ -71,25 +66,20 @@ def _convert(config: PreprocessConfig) -> RunSummary:
         config,
         options,
         splits=splits,
-        seriesuids=uids,
-        workers=opts.workers,
         force=opts.force,
         dl_info=opts.dl_info,
-        report=report,
+        **steps.run_arguments(opts),
     )
 
 
 def main(argv: list[str]) -> int:
     """The command's body (flags already parsed): returns the exit status.
 
-    A bad configuration, a DL_info.csv without the official header, bad --splits
-    (ValueError) or a missing optional package (ImportError) reach
+    A bad configuration, a DL_info.csv without the official header, bad --splits (a usage
+    error or ValueError) or a missing optional package (ImportError) reach
     :func:`tf_agg3d.cli.exit.call`: status 2.
     """
-    if len(argv) > 1:
-        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
-    summary = _convert(cli_flags.load_config_from_flags().preprocess)
-    return cli_exit.items_status(summary.failed)
+    return steps.main(_convert, argv)
 
 
 def run() -> None:

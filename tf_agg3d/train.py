@@ -1,7 +1,7 @@
 r"""Trains the detector: phase 1 (RPN), phase 2 (joint / alternating), Anchor Based Sampling.
 
 Usage:
-  python -m tf_agg3d.train --config configs/paper_luna16.yaml --model-dir DIR [--cache CACHE] \
+  python -m tf_agg3d.train --config configs/luna16/3d_ag.yaml --model-dir DIR [--cache CACHE] \
       [--phase rpn|joint|alternating|abs] [--fold K] [--max-steps N] [--set key=value ...]
 
 The paper's recipe on one model directory::

@@ -60,9 +60,16 @@ def test_sync_batch_norm_option():
         (HUNormalization(), (4, 4, 4, 1)),
         (
             LocalMagnification(channels=6, num_stages=2, layers_per_stage=1, growth_rate=4),
+            (3, 3, 3, 6),
+        ),
+        (
+            LocalMagnification(
+                channels=6, num_stages=2, layers_per_stage=1, growth_rate=4, deconv_stride=2
+            ),
             (2, 2, 2, 6),
         ),
     ],
+    ids=["dense_layer", "dense_block", "transition", "hu", "magnify_table1", "magnify_patch"],
 )
 def test_layer_serialization(layer, shape, tmp_path):
     _roundtrip(layer, shape, tmp_path)
@@ -128,13 +135,138 @@ def test_gather_patches_values_and_zero_outside():
     np.testing.assert_allclose(mb.numpy(), [[4.0, 6.0, 0.0, 8.0, 10.0, 16.0]])
 
 
-def test_local_magnification_shape_and_single_weight_set():
-    lm = LocalMagnification(num_stages=2, layers_per_stage=2, growth_rate=4, bottleneck_width=2)
-    level_a = tf.random.normal([3, 4, 4, 4, 8])
-    level_b = tf.random.normal([5, 4, 4, 4, 8])
+@pytest.mark.parametrize(
+    "stride, cells, out_cells, scale, offset", [(1, 3, 5, 1, 1.0), (2, 4, 16, 4, 0.0)]
+)
+def test_local_magnification_shape_and_single_weight_set(stride, cells, out_cells, scale, offset):
+    """table1 (stride 1): 3^3 -> 5^3 (Table I's Magnify Output); patch (stride 2): 4^3 -> 16^3."""
+    lm = LocalMagnification(
+        num_stages=2, layers_per_stage=2, growth_rate=4, bottleneck_width=2, deconv_stride=stride
+    )
+    level_a = tf.random.normal([3, cells, cells, cells, 8])
+    level_b = tf.random.normal([5, cells, cells, cells, 8])
     out = lm(tf.concat([level_a, level_b], 0))
-    assert out.shape == (8, 16, 16, 16, 8) and lm.scale == 4
+    assert out.shape == (8, out_cells, out_cells, out_cells, 8)
+    assert lm.output_cells(cells) == out_cells and lm.scale == scale and lm.offset == offset
+    assert lm.compute_output_shape((None, cells, cells, cells, 8)) == (None, *[out_cells] * 3, 8)
     n_vars = len(lm.weights)
     # Applying it again to another level's crops creates no variables: one set for all levels.
     np.testing.assert_allclose(lm(level_b).numpy(), out[3:].numpy(), atol=1e-5)
     assert len(lm.weights) == n_vars
+
+
+def test_local_magnification_defaults_to_table1_and_old_configs_load_as_patch():
+    assert LocalMagnification().deconv_stride == 1
+    config = LocalMagnification(num_stages=2).get_config()
+    assert config["deconv_stride"] == 1
+    del config["deconv_stride"]  # a layer saved before the table1 variant existed
+    assert LocalMagnification.from_config(config).deconv_stride == 2
+    with pytest.raises(ValueError, match="deconv_stride"):
+        LocalMagnification(deconv_stride=3)
+
+
+def _identity_like(lm, channels, stride):
+    """Weights making `lm` a pure resampler: each transposed conv averages (stride 1) or copies
+    (stride 2) its taps per channel, the bottlenecks add zeros, BN and the 1x1x1 are identities
+    (inference mode; inputs must be positive for the ReLUs)."""
+    lm.build((None, None, None, None, channels))
+    eye = np.eye(channels, dtype="float32")
+    for deconv in lm.deconvs:
+        kernel = np.zeros(deconv.kernel.shape, "float32")  # [2, 2, 2, out, in]
+        kernel[..., :channels] = eye / 8.0 if stride == 1 else eye
+        deconv.kernel.assign(kernel)
+        deconv.bias.assign(np.zeros(channels, "float32"))
+    for layer in lm._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 1.0 - 1e-5, "f4"))
+        elif isinstance(layer, keras.layers.Conv3D) and not isinstance(
+            layer, keras.layers.Conv3DTranspose
+        ):
+            layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    kernel = np.zeros(lm.project.conv.kernel.shape, "float32")
+    kernel[0, 0, 0, :channels, :] = eye
+    lm.project.conv.kernel.assign(kernel)
+    lm.project.conv.bias.assign(np.zeros(channels, "float32"))
+    return lm
+
+
+def _affine_field(n, origin=(0.0, 0.0, 0.0)):
+    """[1, n, n, n, 3]: per cell, its centre's continuous coordinate (j + 0.5) + 10 per axis
+    plus `origin` (all positive, so the identity-like ReLUs pass them)."""
+    c = np.arange(n) + 0.5
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    field = np.stack([z, y, x], -1) + np.asarray(origin, "float32") + 10.0
+    return field[None].astype("float32")
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_table1_magnifier_coordinate_map_on_an_affine_field(stages):
+    """Stride-1 stages: output cell i stands for input coordinate (i + 0.5 - offset) / scale with
+    scale 1 and offset stages / 2; checked on every output cell whose receptive field lies inside
+    the input (the others also see the zeros beyond the crop)."""
+    n = 7
+    lm = _identity_like(
+        LocalMagnification(
+            num_stages=stages, layers_per_stage=1, growth_rate=2, bottleneck_width=1
+        ),
+        3,
+        1,
+    )
+    assert lm.scale == 1 and lm.offset == stages / 2
+    out = lm(_affine_field(n), training=False).numpy()[0]
+    q = lm.output_cells(n)
+    assert out.shape == (q, q, q, 3) and q == n + stages
+    inner = slice(stages, q - stages)  # cells fed by input cells only
+    u = np.arange(q) + 0.5
+    v = (u - lm.offset) / lm.scale + 10.0
+    z, y, x = np.meshgrid(v, v, v, indexing="ij")
+    expected = np.stack([z, y, x], -1)
+    np.testing.assert_allclose(out[inner, inner, inner], expected[inner, inner, inner], atol=1e-4)
+    # Table I: a 3^3 crop gives the 5^3 "Magnify Output"; its centre cell is the crop's centre.
+    lm3 = _identity_like(
+        LocalMagnification(num_stages=2, layers_per_stage=1, growth_rate=2, bottleneck_width=1),
+        3,
+        1,
+    )
+    out3 = lm3(_affine_field(3), training=False).numpy()[0]
+    assert out3.shape == (5, 5, 5, 3)
+    np.testing.assert_allclose(out3[2, 2, 2], [11.5, 11.5, 11.5], atol=1e-4)
+
+
+def test_patch_magnifier_coordinate_map_on_an_affine_field():
+    """Stride-2 stages: input cell [j, j+1) becomes output cells [4j, 4j + 4), u = 4 v."""
+    lm = _identity_like(
+        LocalMagnification(
+            num_stages=2, layers_per_stage=1, growth_rate=2, bottleneck_width=1, deconv_stride=2
+        ),
+        3,
+        2,
+    )
+    inp = _affine_field(3)
+    out = lm(inp, training=False).numpy()[0]
+    assert out.shape == (12, 12, 12, 3) and lm.scale == 4 and lm.offset == 0.0
+    # Each input cell is replicated over its 4^3 block, whose centre is 4 * (j + 0.5).
+    expected = np.repeat(np.repeat(np.repeat(inp[0], 4, 0), 4, 1), 4, 2)
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_magnified_boxes_maps_aligned_crops_into_the_5_cube():
+    """table1: level coordinate b -> b - origin + 1, clipped to [0, 5]; patch: 4 (b - origin)."""
+    boxes = tf.constant([[9.25, 4.5, 0.0, 12.25, 7.5, 3.5]])
+    origin = tf.constant([[9.0, 5.0, 0.0]])
+    table1 = magnified_boxes(boxes, origin, 3, 1, 1.0, 5)
+    np.testing.assert_allclose(table1.numpy(), [[1.25, 0.5, 1.0, 4.25, 3.5, 4.5]])
+    patch = magnified_boxes(boxes, origin, 4, 4)
+    np.testing.assert_allclose(patch.numpy(), [[1.0, 0.0, 0.0, 13.0, 10.0, 14.0]])
+    # Parts beyond the 5^3 output are clipped.
+    wide = magnified_boxes(tf.constant([[7.0, 7.0, 7.0, 13.0, 13.0, 13.0]]), origin, 3, 1, 1.0, 5)
+    np.testing.assert_allclose(wide.numpy(), [[0.0, 3.0, 5.0, 5.0, 5.0, 5.0]])
+
+
+def test_gather_patches_table1_crop_is_the_centre_cell_and_one_cell_margin():
+    feats = tf.constant(_affine_field(8))
+    centres = tf.constant([[3.2, 3.9, 0.4]])
+    patches, origin = gather_patches(feats, centres, tf.constant([0]), 3)
+    np.testing.assert_array_equal(origin.numpy(), [[2, 2, -1]])
+    np.testing.assert_array_equal(patches[0, :, :, 1:].numpy(), feats[0, 2:5, 2:5, 0:2].numpy())
+    assert np.all(patches[0, :, :, 0].numpy() == 0)  # the cell left of the map reads zero

@@ -1,6 +1,8 @@
 """Agg3DDetector: outputs, proposals, Diameter Alignment geometry through RoI Align, shared Local
 Magnification, serialization, a user RPN head trained one step, and the full parameter count."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -8,7 +10,15 @@ import tensorflow as tf
 from support import SMALL_BACKBONE, keras_roundtrip
 
 from tf_agg3d.backbones.dense_unet3d import DenseUNet3D
-from tf_agg3d.config import AnchorConfig, FPRConfig, ModelConfig, ProposalConfig
+from tf_agg3d.config import (
+    AnchorConfig,
+    ConfigError,
+    FPRConfig,
+    InferenceConfig,
+    ModelConfig,
+    ProposalConfig,
+    load_config,
+)
 from tf_agg3d.heads.fpr_head import FPRHead
 from tf_agg3d.heads.rpn_head import RPNHead
 from tf_agg3d.layers.local_magnification import LocalMagnification
@@ -35,6 +45,13 @@ def small_config(**fpr):
 def volume(side=32, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     return rng.uniform(-1200, 600, size=(batch, side, side, side, 1)).astype("float32")
+
+
+def single_scale_config(**fpr):
+    cfg = small_config(**fpr)
+    return dataclasses.replace(
+        cfg, anchors=AnchorConfig(strides=(4,), sizes=((4.0, 6.0, 8.0, 12.0, 16.0, 24.0),))
+    )
 
 
 @pytest.mark.parametrize("side", [32, 64])
@@ -98,14 +115,21 @@ def test_propose_returns_the_anchor_and_its_level():
 
 
 class _LinearMagnifier(keras.layers.Layer):
-    """Exact (extrapolating) linear upsampling by `scale`: affine fields stay affine."""
+    """Exact (extrapolating) linear resampling with the coordinate map of a magnifier: output
+    cell i (centre i + 0.5) holds the input at (i + 0.5 - offset) / scale. Affine fields stay
+    affine. scale 4, offset 0: the patch variant; scale 1, offset 1: the table1 variant."""
 
-    scale = 4
+    def __init__(self, scale=4, offset=0.0, stages=2, **kwargs):
+        super().__init__(**kwargs)
+        self.scale, self.offset, self.stages = scale, offset, stages
+
+    def output_cells(self, n):
+        return n * self.scale if self.scale > 1 else n + self.stages
 
     def call(self, x):
         for axis in (1, 2, 3):
             n = x.shape[axis]
-            t = (np.arange(n * self.scale) + 0.5) / self.scale - 0.5
+            t = (np.arange(self.output_cells(n)) + 0.5 - self.offset) / self.scale - 0.5
             j = np.clip(np.floor(t), 0, n - 2).astype(np.int32)
             w = (t - j).astype(np.float32)
             shape = [1, 1, 1, 1, 1]
@@ -121,18 +145,68 @@ class _CaptureHead(keras.layers.Layer):
         return tf.reduce_sum(x, axis=-1)
 
 
-@pytest.mark.parametrize("magnify", [False, True])
+def _identity_like(lm, channels):
+    """Weights making a table1 LocalMagnification a pure resampler: each stride-1 transposed
+    conv averages its 8 taps per channel, the bottlenecks add zeros, BN and the 1x1x1 are
+    identities (inference mode; inputs must be positive for the ReLUs)."""
+    lm.build((None, None, None, None, channels))
+    eye = np.eye(channels, dtype="float32")
+    for deconv in lm.deconvs:
+        kernel = np.zeros(deconv.kernel.shape, "float32")  # [2, 2, 2, out, in]
+        kernel[..., :channels] = eye / 8.0
+        deconv.kernel.assign(kernel)
+        deconv.bias.assign(np.zeros(channels, "float32"))
+    for layer in lm._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 1.0 - 1e-5, "f4"))
+        elif isinstance(layer, keras.layers.Conv3D) and not isinstance(
+            layer, keras.layers.Conv3DTranspose
+        ):
+            layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    kernel = np.zeros(lm.project.conv.kernel.shape, "float32")
+    kernel[0, 0, 0, :channels, :] = eye
+    lm.project.conv.kernel.assign(kernel)
+    lm.project.conv.bias.assign(np.zeros(channels, "float32"))
+    return lm
+
+
+# (magnify_mode, crop cells, magnifier): the patch variant (x4), the table1 variant's map on a
+# large crop, Table I's own 3^3 -> 5^3 (aligned crops fit it), and the real table1 layer with
+# identity-like weights (a 9^3 crop, so every RoI Align sample sees only cells fed by the crop).
+MAGNIFIERS = {
+    "none": None,
+    "patch": ("patch", 8, lambda: _LinearMagnifier()),
+    "table1": ("table1", 8, lambda: _LinearMagnifier(scale=1, offset=1.0)),
+    "table1_3cells": ("table1", 3, lambda: _LinearMagnifier(scale=1, offset=1.0)),
+    "table1_real": (
+        "table1",
+        9,
+        lambda: _identity_like(
+            LocalMagnification(layers_per_stage=1, growth_rate=2, bottleneck_width=1), 3
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("magnify", list(MAGNIFIERS))
 @pytest.mark.parametrize("aligned", [True, False])
 def test_crops_through_roi_align_have_the_aligned_size_and_centre(magnify, aligned):
     """Features = input-voxel coordinates of each cell centre (an affine field). RoI Align of a
     crop then returns, per level, the crop's centre (mean of the 2^3 bins) and, from bin to bin,
-    half the crop's extent in input voxels: n*s with Diameter Alignment, d without."""
+    half the crop's extent in input voxels: n*s with Diameter Alignment, d without. With Local
+    Magnification this holds when the detector maps the crop box into the magnifier's output by
+    the magnifier's own scale and offset."""
+    if magnify == "table1_3cells" and not aligned:
+        pytest.skip("unaligned crops of large nodules on fine levels exceed the 3^3 crop")
     margin = 0.5
+    mode, cells, make = MAGNIFIERS[magnify] or ("table1", 3, None)
     fpr = FPRConfig(
         diameter_alignment=aligned,
-        local_magnification=magnify,
+        local_magnification=make is not None,
         crop_margin_cells=margin,
-        magnify_patch_cells=8,
+        magnify_mode=mode,
+        magnify_patch_cells=cells,
+        magnify_crop_cells=cells,
         use_custom_op=False,
     )
     det = Agg3DDetector(
@@ -140,8 +214,9 @@ def test_crops_through_roi_align_have_the_aligned_size_and_centre(magnify, align
         lambda s, a: RPNHead(a),
         _CaptureHead(),
         fpr_config=fpr,
-        local_magnification=_LinearMagnifier() if magnify else None,
+        local_magnification=None if make is None else make(),
     )
+    assert det.magnify_input_cells == cells
     det.roi_align_fn = roi_align_3d
     feats = {}
     for s in (4, 8, 16):
@@ -163,8 +238,21 @@ def test_crops_through_roi_align_have_the_aligned_size_and_centre(magnify, align
             )
 
 
-def test_local_magnification_one_weight_set_for_all_levels():
-    det = build_detector(small_config())
+@pytest.mark.parametrize("mode, cells, out_cells", [("table1", 3, 5), ("patch", 4, 16)])
+def test_magnify_modes_crop_and_output_sides(mode, cells, out_cells):
+    """table1 (default): Table I's 3^3 crop -> 5^3 "Magnify Output"; patch: 4^3 -> 16^3."""
+    assert FPRConfig().magnify_mode == "table1"
+    det = build_detector(small_config(magnify_mode=mode))
+    assert det.magnifier.deconv_stride == (1 if mode == "table1" else 2)
+    assert det.magnify_input_cells == cells
+    assert det.magnifier.output_cells(cells) == out_cells
+    patches = tf.zeros([2, cells, cells, cells, 8])
+    assert det.magnifier(patches).shape == (2, out_cells, out_cells, out_cells, 8)
+
+
+@pytest.mark.parametrize("mode", ["table1", "patch"])
+def test_local_magnification_one_weight_set_for_all_levels(mode):
+    det = build_detector(small_config(magnify_mode=mode))
     det(volume(32, batch=1))
     ref = LocalMagnification(
         channels=8, num_stages=2, layers_per_stage=2, growth_rate=4, bottleneck_width=2
@@ -187,13 +275,106 @@ def test_local_magnification_one_weight_set_for_all_levels():
         assert np.abs(grad.numpy()).sum() > 0, s
 
 
-def test_get_config_and_keras_file_roundtrip(tmp_path):
-    det = build_detector(small_config())
+@pytest.mark.parametrize("variant", ["table1", "patch", "single_scale"])
+def test_get_config_and_keras_file_roundtrip(variant, tmp_path):
+    if variant == "single_scale":
+        det = build_detector(single_scale_config())
+    else:
+        det = build_detector(small_config(magnify_mode=variant))
     x = volume(32, batch=1)
     ref, out = keras_roundtrip(det, x, str(tmp_path / "detector.keras"))
     for key in ("boxes", "rpn_scores", "fpr_logits", "scores"):
         np.testing.assert_allclose(out[key].numpy(), ref[key].numpy(), atol=1e-5)
     assert out["levels"].numpy().tolist() == ref["levels"].numpy().tolist()
+
+
+def test_detectors_saved_before_magnify_mode_load_as_the_patch_variant():
+    det = build_detector(small_config(magnify_mode="patch"))
+    config = det.get_config()
+    del config["fpr_config"]["magnify_mode"]
+    config["local_magnification"]["config"].pop("deconv_stride")
+    clone = Agg3DDetector.from_config(config)
+    assert clone.fpr_config.magnify_mode == "patch" and clone.magnifier.deconv_stride == 2
+    assert clone.magnify_input_cells == 4
+
+
+def test_single_scale_end_to_end():
+    """Table II rows a/b (our reading): one RPN head on stride 4 with all six anchor1 sizes;
+    the backbone still gives every level and the FPRN aggregates all three."""
+    cfg = single_scale_config()
+    det = build_detector(cfg)
+    assert det.strides == (4,) and det.pyramid_strides == (4, 8, 16)
+    assert len(det.rpn_heads) == 1 and det.rpn_heads[0].num_anchors == 6
+    x = volume(32, batch=1)
+    out = det(x)
+    assert sorted(out["rpn_logits"]) == [4]
+    assert out["rpn_logits"][4].shape == (1, 8, 8, 8, 6)
+    assert out["rpn_deltas"][4].shape == (1, 8, 8, 8, 6, 4)
+    assert out["valid"].numpy().any() and np.all(out["levels"].numpy() == 0)
+    assert det.fpr_head.hidden[0].kernel.shape[0] == 3 * 8 * 8  # 3 levels x C x 2^3
+    # Targets on the one anchor level, a joint loss, and gradients reaching the backbone.
+    gt = tf.constant([[12.0, 14.0, 18.0, 7.0], [20.0, 16.0, 12.0, 20.0]])
+    anchors = multilevel_anchors((32, 32, 32), det.strides, cfg.anchors.sizes)
+    targets = assign_anchor_targets(gt, anchors)
+    assert sorted(targets) == [4]
+    targets = {s: (lab[None], dl[None]) for s, (lab, dl) in targets.items()}
+    with tf.GradientTape() as tape:
+        out = det(x, training=True)
+        rpn = RPNLoss()(out["rpn_logits"], out["rpn_deltas"], targets, step=0)
+        labels = assign_proposal_labels(out["boxes"][0], gt, 0.3, 0.1)[None]
+        fpr = combine_fpr_terms(fpr_loss_terms(labels, out["fpr_logits"], out["valid"]))
+        loss = rpn["rpn_loss"] + fpr["fpr_loss"]
+    assert np.isfinite(loss.numpy()) and rpn["cls_n_pos"].numpy() >= 2
+    grads = tape.gradient(loss, det.backbone.trainable_variables)
+    assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
+    assert sum(float(np.abs(g.numpy()).sum()) for g in grads) > 0
+    # The FPRN sees every level, the ones without an RPN head included.
+    feats = det.features(x)
+    assert sorted(feats) == [4, 8, 16]
+    props = det.propose(*det.rpn(feats), (32, 32, 32))
+    for s in (8, 16):
+        with tf.GradientTape() as tape:
+            tape.watch(feats[s])
+            total = tf.reduce_sum(
+                det.classify(feats, props["boxes"], props["levels"], props["valid"])
+            )
+        assert np.abs(tape.gradient(total, feats[s]).numpy()).sum() > 0, s
+    # Whole-scan inference over several windows.
+    from tf_agg3d.models.whole_scan import WholeScanDetector
+
+    scan = WholeScanDetector(
+        det,
+        InferenceConfig(
+            window_size=(32, 32, 32), overlap=8, score_threshold=0.0, max_proposals_per_scan=20
+        ),
+    )
+    found = scan.detect(tf.constant(volume(40, batch=1)[0, ..., 0].astype("int16")))
+    assert int(found["num_windows"]) == 8 and int(found["num_detections"]) >= 1
+    assert np.all(np.isfinite(found["scores"].numpy()))
+
+
+def test_anchor_strides_must_be_backbone_strides_with_one_size_list_each():
+    with pytest.raises(ConfigError, match="one size list per anchor stride"):
+        load_config(None, ["model.anchors.strides=[4]"])
+    with pytest.raises(ConfigError, match="subset of the backbone's pyramid strides"):
+        load_config(None, ["model.anchors.strides=[4, 32]", "model.anchors.sizes=[[4], [40]]"])
+    with pytest.raises(ConfigError, match="magnify_mode"):
+        load_config(None, ["model.fpr.magnify_mode=zoom"])
+    single = load_config(
+        None, ["model.anchors.strides=[4]", "model.anchors.sizes=[[4, 6, 8, 12, 16, 24]]"]
+    )
+    assert single.model.anchors.strides == (4,)
+    # Build time: a config edited in place, and a detector given a foreign stride.
+    cfg = single_scale_config()
+    cfg.anchors.strides = (4, 8)
+    with pytest.raises(ConfigError, match="one size list"):
+        build_detector(cfg)
+    with pytest.raises(ConfigError, match="subset"):
+        Agg3DDetector(
+            DenseUNet3D.from_backbone_config(SMALL_BACKBONE),
+            lambda s, a: RPNHead(a),
+            anchor_config={"strides": [32], "sizes": [[40.0]]},
+        )
 
 
 def test_roi_align_fn_is_selectable():

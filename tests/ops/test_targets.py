@@ -82,3 +82,24 @@ def test_proposal_labels():
     assert list(labels) == [1, -1, 0]
     none = assign_proposal_labels(props, tf.zeros([0, 4]), 0.5, 0.1).numpy()
     assert list(none) == [0, 0, 0]
+
+
+def test_single_scale_targets_put_every_nodule_on_the_stride4_level():
+    """Table II rows a/b in our reading: all six anchor1 sizes on the stride-4 map only."""
+    from tf_agg3d.ops.anchors import single_scale
+
+    strides, sizes = single_scale(ANCHOR_PRESETS["anchor1"])
+    assert strides == (4,) and sizes == ((4.0, 6.0, 8.0, 12.0, 16.0, 24.0),)
+    anchors = multilevel_anchors((64, 64, 64), strides, sizes)
+    assert sorted(anchors) == [4] and anchors[4].shape == (16, 16, 16, 6, 4)
+    gt = np.array([[21.5, 29.5, 33.5, 5.0], [39.5, 39.5, 39.5, 20.0]], "float32")
+    t = assign_anchor_targets(tf.constant(gt), anchors)
+    assert sorted(t) == [4]
+    labels, deltas = t[4][0].numpy(), t[4][1].numpy()
+    assert labels.shape == (16, 16, 16, 6) and deltas.shape == (16, 16, 16, 6, 4)
+    # The small nodule matches the 4/6 mm anchors, the large one the 16/24 mm anchors.
+    assert labels[5, 7, 8, :2].max() == 1 and labels[9, 9, 9, 4:].max() == 1
+    pos = labels == 1
+    decoded = decode_boxes(deltas[pos], anchors[4].numpy()[pos]).numpy()
+    # Every positive decodes back to one of the nodules.
+    assert np.all(np.min(np.abs(decoded[:, None, :] - gt[None]).max(-1), axis=1) < 1e-3)

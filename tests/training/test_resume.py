@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from support import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
+from support import REPO, subprocess_env, train_command, write_cache
 
 from tf_agg3d.models import checkpoints as ckpt_lib
 
@@ -19,23 +19,17 @@ EVERY = 4
 
 
 def _start(tmp_path, cache, model_dir):
-    cmd = [
-        PYTHON,
-        "-m",
-        "tf_agg3d.train",
-        "--config",
-        tiny_config_file(tmp_path),
-        "--model-dir",
+    cmd = train_command(
+        tmp_path,
         model_dir,
-        "--cache",
-        cache,
         "--phase",
         "rpn",
         "--max-steps",
-        str(TOTAL),
+        TOTAL,
         "--set",
         f"train.checkpoint_every_steps={EVERY}",
-    ]
+        cache=cache,
+    )
     return subprocess.Popen(
         cmd,
         cwd=REPO,

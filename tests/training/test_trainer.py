@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import PYTHON, REPO, subprocess_env, tiny_config, tiny_config_file, write_cache
+from support import REPO, subprocess_env, tiny_config, train_command, write_cache
 
 from tf_agg3d.config import ConfigError
 from tf_agg3d.dataloaders import input_pipeline as pipeline
@@ -51,6 +51,16 @@ def test_bad_values_fail_naming_the_key(tmp_path, cache_dir, override, key):
         validate_training_config(config)
 
 
+def test_crop_must_fit_the_backbone_when_anchors_sit_on_one_level(tmp_path, cache_dir):
+    # Single-scale anchors live on stride 4 only, but the backbone still pools to stride 16.
+    single = ["model.anchors.strides=[4]", "model.anchors.sizes=[[4, 6, 8, 12, 16, 24]]"]
+    with pytest.raises(ConfigError, match=r"data\.crop_size: .*multiples of 16"):
+        validate_training_config(
+            tiny_config(tmp_path, cache_dir, [*single, "data.crop_size=[36, 32, 32]"])
+        )
+    validate_training_config(tiny_config(tmp_path, cache_dir, single))
+
+
 def test_missing_or_empty_cache_names_the_key(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match=r"data\.cache_dir: .* does not exist"):
         validate_training_config(tiny_config(tmp_path, str(tmp_path / "nope")))
@@ -67,18 +77,9 @@ def test_cli_rejects_a_bad_config_before_any_work(tmp_path, cache_dir):
         (["--set", "train.learning_rate=fast"], "train.learning_rate: expected a number"),
         (["--cache", str(tmp_path / "missing")], "data.cache_dir"),
     ):
-        cmd = [
-            PYTHON,
-            "-m",
-            "tf_agg3d.train",
-            "--config",
-            tiny_config_file(tmp_path),
-            "--model-dir",
-            str(model_dir),
-            *extra,
-        ]
-        if "--cache" not in extra:
-            cmd += ["--cache", cache_dir]
+        cmd = train_command(
+            tmp_path, model_dir, *extra, cache=None if "--cache" in extra else cache_dir
+        )
         proc = subprocess.run(
             cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=120
         )

@@ -22,12 +22,10 @@ from tf_agg3d.data.preprocessing.runner import run_preprocess
 from tf_agg3d.data.readers.dicom_tfio import tfio_dicom_available
 from tf_agg3d.data.synthetic.luna16 import generate_dataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 )
 from dicom_series_writer import oblique_direction, write_ct_series  # noqa: E402
-from s3_env import S3Server  # noqa: E402
 
 pytest.importorskip("moto.server", reason="needs moto[server] (requirements/pinned.txt)")
 pytestmark = [
@@ -35,15 +33,6 @@ pytestmark = [
     pytest.mark.skipif(not tfio_dicom_available(), reason="needs tensorflow-io"),
 ]
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,12 @@ import csv
 import io
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
+from support import TINY_DETECTOR_OVERRIDES, cache_meta, write_model_dir
 
 from tf_agg3d.data.readers.dicom_tfio import tfio_dicom_available
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from s3_env import S3Server  # noqa: E402
-from support import TINY_DETECTOR_OVERRIDES, cache_meta, write_model_dir  # noqa: E402
 
 pytest.importorskip("moto.server", reason="needs moto[server] (requirements/pinned.txt)")
 pytestmark = [
@@ -36,15 +32,6 @@ UIDS = ("1.2.840.0.1", "1.2.840.0.2")
 # The smallest real detector with every part (three levels, FPRN, magnification); one 32^3
 # inference window covers each cache volume, so prediction takes seconds.
 TINY_OVERRIDES = [*TINY_DETECTOR_OVERRIDES, "inference.max_marks=5"]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _volume(seed: int) -> np.ndarray:

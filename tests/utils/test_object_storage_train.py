@@ -9,17 +9,11 @@ sees after S3 use (tf_agg3d/utils/process.py).
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
+from support import tiny_config_file, write_cache
 
 from tf_agg3d.data.readers.dicom_tfio import tfio_dicom_available
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from s3_env import S3Server  # noqa: E402
-from support import tiny_config_file, write_cache  # noqa: E402
 
 pytest.importorskip("moto.server", reason="needs moto[server] (requirements/pinned.txt)")
 pytestmark = [
@@ -27,15 +21,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not tfio_dicom_available(), reason="needs tensorflow-io"),
 ]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    server = S3Server()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _train(s3, config, model_dir, cache, max_steps):

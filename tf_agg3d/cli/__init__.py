@@ -10,7 +10,8 @@
   failed items on stderr).
 - :mod:`tf_agg3d.cli.serving`: the serving commands (``agg3d-serve``, ``agg3d-client``).
 - :mod:`tf_agg3d.cli.synthetic`: the synthetic dataset generators' commands.
-- :mod:`tf_agg3d.cli.demo_steps`: the steps the demos share.
+- :mod:`tf_agg3d.cli.demo_steps`: the folders and steps the demos share.
+- :mod:`tf_agg3d.cli.preprocess_steps`: the flags and body the preprocessing commands share.
 
 A command's module defines its flags (dashed names), and its ``main(argv) -> int`` reads them
 (:func:`tf_agg3d.cli.flags.values`), builds the config and calls the library; its zero-argument

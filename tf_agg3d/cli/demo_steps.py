@@ -1,4 +1,5 @@
-"""What the demos (:mod:`tf_agg3d.demo`, :mod:`tf_agg3d.demo_deeplesion`) share: their steps.
+"""What the demos (:mod:`tf_agg3d.demo`, :mod:`tf_agg3d.demo_deeplesion`) share: their folders
+and their steps.
 
 Each step runs a real command-line entry point in a subprocess, as a user would type it. A step
 that fails ends the demo (``SystemExit`` with a message: exit status 1).
@@ -11,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 
 
 def run_step(step: str, args: list[str]) -> float:
@@ -24,96 +25,130 @@ def run_step(step: str, args: list[str]) -> float:
     return time.time() - start
 
 
-def train_phases(
-    config: str,
-    model_dir: str,
-    cache: str,
-    train_list: str,
-    steps: dict[str, int],
-    timings: MutableMapping[str, float],
-) -> None:
-    """Trains phase 1 (RPN), then the joint phase, recording ``train_<phase>`` seconds.
+class Demo:
+    """One demo run: its folders and the seconds each step took.
 
-    Args:
-      config, model_dir, cache: the ``tf_agg3d.train`` flags of the same names.
-      train_list: the training seriesuid list (``data.train_seriesuids``).
-      steps: phase ("rpn", "joint") -> max steps (0: the config's).
-      timings: receives the seconds of each phase.
+    Attributes:
+      out: the demo's folder.
+      raw: OUT/<raw_name>, the generated dataset.
+      cache: OUT/cache, the preprocessed cache.
+      model_dir: OUT/model, the trained model.
+      timings: step name -> seconds, filled in as the steps run.
     """
-    train_common = [
-        "tf_agg3d.train",
-        "--config",
-        config,
-        "--model-dir",
-        model_dir,
-        "--cache",
-        cache,
-        "--set",
-        f"data.train_seriesuids={train_list}",
-    ]
-    for phase in ("rpn", "joint"):
-        extra = ["--max-steps", str(steps[phase])] if steps[phase] else []
-        timings[f"train_{phase}"] = run_step(
-            f"train {phase}", [*train_common, "--phase", phase, *extra]
+
+    def __init__(self, out: str, raw_name: str):
+        self.out = out
+        self.raw, self.cache, self.model_dir = (
+            os.path.join(out, p) for p in (raw_name, "cache", "model")
+        )
+        self.timings: dict[str, float] = {}
+
+    def step(self, name: str, args: list[str]) -> None:
+        """:func:`run_step`, recording its seconds under `name`."""
+        self.timings[name] = run_step(name, args)
+
+    def generate(
+        self, module: str, unit: str, count: int, seed: int, extra_args: Sequence[str] = ()
+    ) -> None:
+        """Runs a synthetic generator into OUT/<raw_name> (step ``generate``).
+
+        Args:
+          module: the generator's module (``tf_agg3d.data.synthetic``,
+            ``tf_agg3d.data.synthetic_deeplesion``).
+          unit: what its ``--n-<unit>`` flag counts ("scans", "series").
+          count, seed: its ``--n-<unit>`` and ``--seed``.
+          extra_args: more flags of the generator.
+        """
+        self.step(
+            "generate",
+            [
+                module,
+                "--out",
+                self.raw,
+                f"--n-{unit}",
+                str(count),
+                "--seed",
+                str(seed),
+                *extra_args,
+            ],
         )
 
+    def train_phases(self, config: str, train_list: str, steps: dict[str, int]) -> None:
+        """Trains phase 1 (RPN), then the joint phase (timings ``train_<phase>``).
 
-def predict_and_evaluate(
-    out: str,
-    model_dir: str,
-    cache: str,
-    test_list: str,
-    annotations_dir: str,
-    timings: MutableMapping[str, float],
-    extra_eval_args: Sequence[str] = (),
-) -> tuple[dict, str]:
-    """Predicts on the test list into OUT/predictions.csv, then evaluates into OUT/evaluation.
-
-    Args:
-      out: the demo's folder.
-      model_dir, cache: the trained model and the cache.
-      test_list: the held-out seriesuid list.
-      annotations_dir: folder with annotations.csv and annotations_excluded.csv.
-      timings: receives the seconds of ``predict`` and ``evaluate``.
-      extra_eval_args: more ``tf_agg3d.evaluate`` flags.
-
-    Returns:
-      (the evaluation's summary.json as a dict, the evaluation folder).
-    """
-    predictions = os.path.join(out, "predictions.csv")
-    timings["predict"] = run_step(
-        "predict",
-        [
-            "tf_agg3d.predict",
+        Args:
+          config: the ``tf_agg3d.train`` ``--config``.
+          train_list: the training seriesuid list (``data.train_seriesuids``).
+          steps: phase ("rpn", "joint") -> max steps (0: the config's).
+        """
+        train_common = [
+            "tf_agg3d.train",
+            "--config",
+            config,
             "--model-dir",
-            model_dir,
+            self.model_dir,
             "--cache",
-            cache,
-            "--seriesuids",
-            test_list,
-            "--out",
-            predictions,
-        ],
-    )
-    eval_dir = os.path.join(out, "evaluation")
-    timings["evaluate"] = run_step(
-        "evaluate",
-        [
-            "tf_agg3d.evaluate",
-            "--annotations",
-            os.path.join(annotations_dir, "annotations.csv"),
-            "--excluded",
-            os.path.join(annotations_dir, "annotations_excluded.csv"),
-            "--predictions",
-            predictions,
-            "--seriesuids",
-            test_list,
-            "--out",
-            eval_dir,
-            "--cache",
-            cache,
-            *extra_eval_args,
-        ],
-    )
-    with open(os.path.join(eval_dir, "summary.json")) as f:
-        return json.load(f), eval_dir
+            self.cache,
+            "--set",
+            f"data.train_seriesuids={train_list}",
+        ]
+        for phase in ("rpn", "joint"):
+            extra = ["--max-steps", str(steps[phase])] if steps[phase] else []
+            args = [*train_common, "--phase", phase, *extra]
+            self.timings[f"train_{phase}"] = run_step(f"train {phase}", args)
+
+    def predict_and_evaluate(
+        self, test_list: str, annotations_dir: str, extra_eval_args: Sequence[str] = ()
+    ) -> tuple[dict, str]:
+        """Predicts on the test list into OUT/predictions.csv, then evaluates into
+        OUT/evaluation (steps ``predict`` and ``evaluate``).
+
+        Args:
+          test_list: the held-out seriesuid list.
+          annotations_dir: folder with annotations.csv and annotations_excluded.csv.
+          extra_eval_args: more ``tf_agg3d.evaluate`` flags.
+
+        Returns:
+          (the evaluation's summary.json as a dict, the evaluation folder).
+        """
+        predictions = os.path.join(self.out, "predictions.csv")
+        self.step(
+            "predict",
+            [
+                "tf_agg3d.predict",
+                "--model-dir",
+                self.model_dir,
+                "--cache",
+                self.cache,
+                "--seriesuids",
+                test_list,
+                "--out",
+                predictions,
+            ],
+        )
+        eval_dir = os.path.join(self.out, "evaluation")
+        self.step(
+            "evaluate",
+            [
+                "tf_agg3d.evaluate",
+                "--annotations",
+                os.path.join(annotations_dir, "annotations.csv"),
+                "--excluded",
+                os.path.join(annotations_dir, "annotations_excluded.csv"),
+                "--predictions",
+                predictions,
+                "--seriesuids",
+                test_list,
+                "--out",
+                eval_dir,
+                "--cache",
+                self.cache,
+                *extra_eval_args,
+            ],
+        )
+        with open(os.path.join(eval_dir, "summary.json")) as f:
+            return json.load(f), eval_dir
+
+    def seconds(self) -> dict[str, float]:
+        """Each step's seconds, rounded to 0.1 s (for the final summary)."""
+        return {k: round(v, 1) for k, v in self.timings.items()}

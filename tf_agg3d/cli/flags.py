@@ -150,14 +150,25 @@ def require(*names: str, flag_values: flags.FlagValues = FLAGS) -> None:
         raise UsageError(f"missing {', '.join(missing)}")
 
 
+def integers(name: str, values: Sequence[str] | None) -> list[int]:
+    """The values of list flag `name` as integers ([] when unset); a usage error naming the
+    flag if one is not an integer."""
+    from absl.app import UsageError  # tf_agg3d.cli.exit.UsageError
+
+    try:
+        return [int(v) for v in values or ()]
+    except ValueError:
+        raise UsageError(f"--{name}: expected integers, got {','.join(values)}") from None
+
+
 # The flags several commands share. Each definer is idempotent per FlagValues, so a command
 # module and a helper may both ask for them.
 
 
-def _define_once(name: str, define, flag_values: flags.FlagValues):
-    if name in flag_values:
-        return flag_values[name]
-    return define()
+def _define_once(define, name: str, default, help_text: str, flag_values: flags.FlagValues):
+    """``define(name, default, help_text)`` (an absl ``DEFINE_*``) unless `name` is defined."""
+    if name not in flag_values:
+        define(name, default, help_text, flag_values=flag_values)
 
 
 def define_config_flags(
@@ -169,17 +180,9 @@ def define_config_flags(
     flag_values: flags.FlagValues = FLAGS,
 ) -> None:
     """Defines ``--config`` (a YAML file) and, unless `with_set` is False, ``--set key=value``."""
-    _define_once(
-        "config",
-        lambda: flags.DEFINE_string("config", default_config, config_help, flag_values=flag_values),
-        flag_values,
-    )
+    _define_once(flags.DEFINE_string, "config", default_config, config_help, flag_values)
     if with_set:
-        _define_once(
-            "set",
-            lambda: flags.DEFINE_multi_string("set", [], set_help, flag_values=flag_values),
-            flag_values,
-        )
+        _define_once(flags.DEFINE_multi_string, "set", [], set_help, flag_values)
 
 
 def define_model_dir_flag(
@@ -189,11 +192,7 @@ def define_model_dir_flag(
     flag_values: flags.FlagValues = FLAGS,
 ) -> None:
     """Defines ``--model-dir`` (``--model_dir`` works too)."""
-    _define_once(
-        "model-dir",
-        lambda: flags.DEFINE_string("model-dir", None, help_text, flag_values=flag_values),
-        flag_values,
-    )
+    _define_once(flags.DEFINE_string, "model-dir", None, help_text, flag_values)
     if required:
         flags.mark_flag_as_required("model-dir", flag_values=flag_values)
 

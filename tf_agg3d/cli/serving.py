@@ -196,10 +196,7 @@ def serve_main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {list(argv[1:])}")
     f = cli_flags.values()
-    try:
-        versions = [int(v) for v in f.versions]
-    except ValueError:
-        raise cli_exit.UsageError(f"--versions: expected integers, got {f.versions}") from None
+    versions = cli_flags.integers("versions", f.versions)
     labels = parse_version_labels(f.version_labels)
     # A missing tensorflow-io (ImportError) is status 2 (tf_agg3d.cli.exit.call).
     ensure_filesystems(f.model_base, f.tls_cert, f.tls_key, f.tls_client_ca)

@@ -39,66 +39,76 @@ def _program() -> str:
 
 
 def define_dataset_flags(
-    fv, layout: str, unit: str, default: int, module_name: str | None = None
-) -> None:
+    flag_values, layout: str, unit: str, default: int, module_name: str | None = None
+) -> dict:
     """Defines the flags both synthetic generators take: --out, --n-<unit> and --seed.
 
     Args:
-      fv: the absl FlagValues to define them in.
+      flag_values: the absl FlagValues to define them in (default: absl's FLAGS).
       layout: the dataset whose layout --out gets ("LUNA16", "DeepLesion").
       unit: what --n-<unit> counts ("scans", "series").
       default: the default count.
       module_name: the module ``--help`` files them under (default: the running program).
+
+    Returns:
+      ``flag_values`` and ``module_name`` keyword arguments for absl's ``DEFINE_*``: where the
+      generator defines its own flags, beside these.
     """
     from absl import flags
 
     if module_name is None or module_name == "__main__":
         module_name = _program()
-    count = f"n_{unit}"
-    flags.DEFINE_string(
-        "out", None, f"Output folder ({layout} layout).", flag_values=fv, module_name=module_name
-    )
-    flags.DEFINE_integer(
-        count, default, f"Number of {unit}.", lower_bound=1, flag_values=fv, module_name=module_name
-    )
-    flags.DEFINE_integer(
-        "seed",
-        0,
-        "Seed (>= 0); same seed, same bytes.",
-        lower_bound=0,
-        flag_values=fv,
-        module_name=module_name,
-    )
-    flags.mark_flag_as_required("out", flag_values=fv)
+    where = {
+        "flag_values": flag_values if flag_values is not None else flags.FLAGS,
+        "module_name": module_name,
+    }
+    flags.DEFINE_string("out", None, f"Output folder ({layout} layout).", **where)
+    flags.DEFINE_integer(f"n_{unit}", default, f"Number of {unit}.", lower_bound=1, **where)
+    flags.DEFINE_integer("seed", 0, "Seed (>= 0); same seed, same bytes.", lower_bound=0, **where)
+    flags.mark_flag_as_required("out", flag_values=where["flag_values"])
+    return where
 
 
 def dataset_main(
     argv,
-    generate: Callable[[Any], dict],
-    describe: Callable[[dict], str],
+    generate_dataset: Callable[..., dict],
+    unit: str,
+    options: Callable[[Any], dict],
+    details: Callable[[dict], str],
     errors: tuple[type[Exception], ...],
 ) -> int:
     """The body of both synthetic generators' absl ``main``.
 
+    Calls ``generate_dataset(--out, --n-<unit>, seed=--seed, verbose=True, **options(FLAGS))``
+    and prints ``wrote <count> <unit>, <details> to <folder> in <seconds> s``.
+
     Args:
       argv: absl's arguments; any beyond the program name end the program with a message.
-      generate: absl's FLAGS -> the generator's summary dict.
-      describe: summary -> the line printed when it succeeded.
+      generate_dataset: the generator; returns a summary dict with at least ``uids``,
+        ``out_dir`` and ``seconds``.
+      unit: what ``--n-<unit>`` counts (:func:`define_dataset_flags`).
+      options: absl's FLAGS -> the generator's further keyword arguments.
+      details: summary -> what the summary line says between the count and the folder.
       errors: exceptions that mean bad flags or an unusable OUT: printed, exit status 2.
 
     Returns:
-      The exit status: 0, or 2 when `generate` raised one of `errors`.
+      The exit status: 0, or 2 when the generator raised one of `errors`.
     """
     from absl import flags
 
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
+    fv = flags.FLAGS
     try:
-        summary = generate(flags.FLAGS)
+        count = fv[f"n_{unit}"].value
+        summary = generate_dataset(fv.out, count, seed=fv.seed, verbose=True, **options(fv))
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(describe(summary))
+    print(
+        f"wrote {len(summary['uids'])} {unit}, {details(summary)} to {summary['out_dir']} "
+        f"in {summary['seconds']:.1f} s"
+    )
     return 0
 
 
@@ -111,42 +121,36 @@ def define_luna16_flags(flag_values=None) -> None:
     """Defines the synthetic LUNA16 generator's absl flags."""
     from absl import flags
 
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    program = _program()
-    define_dataset_flags(fv, "LUNA16", "scans", 10, program)
-    flags.DEFINE_string(
-        "shape",
-        None,
-        "D,H,W voxels per scan (default ~120,256,256).",
-        flag_values=fv,
-        module_name=program,
-    )
+    where = define_dataset_flags(flag_values, "LUNA16", "scans", 10)
+    flags.DEFINE_string("shape", None, "D,H,W voxels per scan (default ~120,256,256).", **where)
     flags.DEFINE_bool(
         "overwrite",
         False,
         "Delete scans of another dataset in OUT's layout folders instead of refusing.",
-        flag_values=fv,
-        module_name=program,
+        **where,
     )
 
 
 def luna16_main(argv) -> int:
     """absl entry point: generates the LUNA16 dataset the flags describe, prints a summary."""
 
-    def generate(fv) -> dict:
-        shape = parse_shape(fv.shape)
-        return synthetic_luna16.generate_dataset(
-            fv.out, fv.n_scans, seed=fv.seed, shape=shape, overwrite=fv.overwrite, verbose=True
-        )
+    def options(fv) -> dict:
+        return {"shape": parse_shape(fv.shape), "overwrite": fv.overwrite}
 
-    def describe(summary: dict) -> str:
+    def details(summary: dict) -> str:
         return (
-            f"wrote {len(summary['uids'])} scans, {summary['n_nodules']} nodules, "
-            f"{len(summary['negative_uids'])} negative and {len(summary['flipped_uids'])} "
-            f"flipped scans to {summary['out_dir']} in {summary['seconds']:.1f} s"
+            f"{summary['n_nodules']} nodules, {len(summary['negative_uids'])} negative and "
+            f"{len(summary['flipped_uids'])} flipped scans"
         )
 
-    return dataset_main(argv, generate, describe, (ValueError, FileExistsError))
+    return dataset_main(
+        argv,
+        synthetic_luna16.generate_dataset,
+        "scans",
+        options,
+        details,
+        (ValueError, FileExistsError),
+    )
 
 
 def run_luna16() -> None:
@@ -164,36 +168,30 @@ def define_deeplesion_flags(flag_values=None) -> None:
     """Defines the synthetic DeepLesion generator's absl flags."""
     from absl import flags
 
-    fv = flag_values if flag_values is not None else flags.FLAGS
-    program = _program()
-    define_dataset_flags(fv, "DeepLesion", "series", 12, program)
+    where = define_dataset_flags(flag_values, "DeepLesion", "series", 12)
     flags.DEFINE_integer(
-        "size",
-        128,
-        "Pixels per slice side (real data: 512).",
-        lower_bound=64,
-        flag_values=fv,
-        module_name=program,
+        "size", 128, "Pixels per slice side (real data: 512).", lower_bound=64, **where
     )
 
 
 def deeplesion_main(argv) -> int:
     """absl entry point: generates the DeepLesion dataset the flags describe, prints a summary."""
 
-    def generate(fv) -> dict:
-        return synthetic_deeplesion.generate_dataset(
-            fv.out, fv.n_series, seed=fv.seed, size=fv.size, verbose=True
-        )
-
-    def describe(summary: dict) -> str:
+    def details(summary: dict) -> str:
         n_lesions = sum(len(v) for v in summary["lesions"].values())
         return (
-            f"wrote {len(summary['uids'])} series, {summary['rows']} DL_info rows, {n_lesions} "
-            f"lesions ({summary['large']} >= 48 mm, {summary['duplicated']} annotated twice) to "
-            f"{summary['out_dir']} in {summary['seconds']:.1f} s"
+            f"{summary['rows']} DL_info rows, {n_lesions} lesions ({summary['large']} >= 48 mm, "
+            f"{summary['duplicated']} annotated twice)"
         )
 
-    return dataset_main(argv, generate, describe, (ValueError, OSError))
+    return dataset_main(
+        argv,
+        synthetic_deeplesion.generate_dataset,
+        "series",
+        lambda fv: {"size": fv.size},
+        details,
+        (ValueError, OSError),
+    )
 
 
 def run_deeplesion() -> None:

@@ -10,7 +10,9 @@ applies the evaluation's rules:
 - excluded findings (``annotations_excluded.csv``): the same columns; a diameter of -1 means
   10 mm (a 5 mm radius), as in the official script (which maps every diameter < 0 to 10 mm).
 - predictions: ``seriesuid,coordX,coordY,coordZ,probability`` plus an optional ``diameter_mm``
-  (used by ensembles and the gallery).
+  (used by ensembles and the gallery) and the optional per-branch scores ``rpn_score`` and
+  ``fpr_score`` that ``predict`` writes (``probability`` is their mean); any of the score
+  columns can be the one the FROC ranks by (:meth:`Predictions.scored_by`).
 - seriesuid list: one seriesuid per line, no header in the official file; a header row is
   counted as a scan like the official script does, unless asked not to
   (:func:`read_seriesuids`).
@@ -28,6 +30,11 @@ from tf_agg3d.data.errors import DataError
 from tf_agg3d.data.luna16 import csv_io as luna16_csv
 
 log = logging.getLogger(__name__)
+
+# Columns a predictions file may score its marks by: the combined score (the LUNA16 submission
+# column) and, in files written by ``predict``, the RPN and FPRN branch scores.
+SCORE_COLUMNS = ("probability", "rpn_score", "fpr_score")
+BRANCH_SCORE_COLUMNS = SCORE_COLUMNS[1:]
 
 LESION_TYPES = {
     1: "bone",
@@ -79,6 +86,9 @@ class Predictions:
       diameter_mm: [N] float64 or None when the file has no ``diameter_mm`` column.
       path: the file read (for messages).
       lines: [N] 1-based line numbers in the file.
+      branch_scores: per-branch score columns of the file (``rpn_score``, ``fpr_score``) as
+        [N] float64 arrays; a column the file lacks is absent, and a row that leaves it empty
+        holds NaN there (:meth:`scored_by` refuses such a column).
     """
 
     seriesuid: np.ndarray
@@ -87,6 +97,7 @@ class Predictions:
     diameter_mm: np.ndarray | None = None
     path: str = "<memory>"
     lines: np.ndarray | None = None
+    branch_scores: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.seriesuid.shape[0])
@@ -100,7 +111,45 @@ class Predictions:
             diameter_mm=None if self.diameter_mm is None else self.diameter_mm[mask],
             path=self.path,
             lines=None if self.lines is None else self.lines[mask],
+            branch_scores={k: v[mask] for k, v in self.branch_scores.items()},
         )
+
+    def scored_by(self, column: str) -> Predictions:
+        """The same marks with `column` as their ``probability`` (the score the FROC ranks by).
+
+        Args:
+          column: one of :data:`SCORE_COLUMNS`; ``"probability"`` returns `self`.
+
+        Raises:
+          DataError: the file has no such column (a plain LUNA16 submission has only
+            ``probability``), or a row leaves it empty (names the line).
+          ValueError: `column` is not a score column.
+        """
+        if column not in SCORE_COLUMNS:
+            raise ValueError(
+                f"score column must be one of {', '.join(SCORE_COLUMNS)}, got {column!r}"
+            )
+        if column == "probability":
+            return self
+        scores = self.branch_scores.get(column)
+        if scores is None:
+            have = ["probability", *(c for c in BRANCH_SCORE_COLUMNS if c in self.branch_scores)]
+            raise DataError(
+                self.path,
+                f"no '{column}' column to score by; the file's score column(s): "
+                f"{', '.join(have)} (rpn_score and fpr_score come from predict's output)",
+                field=column,
+            )
+        empty = np.flatnonzero(np.isnan(scores))
+        if empty.size:
+            line = int(self.lines[empty[0]]) if self.lines is not None else None
+            raise DataError(
+                self.path,
+                f"{empty.size} mark(s) without a '{column}' value; cannot score by it",
+                line=line,
+                field=column,
+            )
+        return dataclasses.replace(self, probability=np.asarray(scores, dtype=np.float64))
 
 
 def _as_int(path: str, line: int, field: str, text: str) -> int:
@@ -173,7 +222,9 @@ def read_predictions(path: str) -> Predictions:
     """Reads a predictions CSV (``seriesuid,coordX,coordY,coordZ,probability[,diameter_mm]``).
 
     A file holding only the header is valid (a system that marked nothing). ``diameter_mm`` is
-    returned only when every row has one.
+    returned only when every row has one. ``rpn_score`` / ``fpr_score`` go to
+    :attr:`Predictions.branch_scores` when any row has them (NaN where a row leaves one empty);
+    a file without rows has every branch column, empty.
 
     Raises:
       DataError: unreadable or empty file, missing header/column, non-numeric or non-finite
@@ -188,6 +239,11 @@ def read_predictions(path: str) -> Predictions:
         for p, d in zip(rows, diam, strict=False):
             if d <= 0:
                 raise DataError(path, f"diameter must be > 0, got {d}", p.line, "diameter_mm")
+    branch_scores = {
+        name: np.asarray([p.extra.get(name, np.nan) for p in rows], dtype=np.float64)
+        for name in BRANCH_SCORE_COLUMNS
+        if not rows or any(name in p.extra for p in rows)
+    }
     return Predictions(
         seriesuid=np.asarray([p.seriesuid for p in rows], dtype=str),
         xyz=np.asarray([(p.x, p.y, p.z) for p in rows], dtype=np.float64).reshape(-1, 3),
@@ -195,6 +251,7 @@ def read_predictions(path: str) -> Predictions:
         diameter_mm=np.asarray(diam, dtype=np.float64) if has_diam else None,
         path=path,
         lines=np.asarray([p.line for p in rows], dtype=np.int64),
+        branch_scores=branch_scores,
     )
 
 
@@ -232,7 +289,8 @@ def read_seriesuids(path: str, skip_header: bool = False) -> list[str]:
 
 
 def write_predictions(path: str, predictions: Predictions) -> None:
-    """Writes predictions as CSV (with ``diameter_mm`` when known), atomically."""
+    """Writes predictions as CSV (with ``diameter_mm`` and the branch scores when known),
+    atomically; a NaN branch score is left empty."""
     rows = []
     for i in range(len(predictions)):
         row = {
@@ -244,5 +302,8 @@ def write_predictions(path: str, predictions: Predictions) -> None:
         }
         if predictions.diameter_mm is not None:
             row["diameter_mm"] = float(predictions.diameter_mm[i])
+        for name, scores in predictions.branch_scores.items():
+            if not np.isnan(scores[i]):
+                row[name] = float(scores[i])
         rows.append(row)
     luna16_csv.write_predictions(path, rows)

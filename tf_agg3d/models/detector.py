@@ -3,14 +3,20 @@
 Data flow of :meth:`Agg3DDetector.call` (``volume`` float32 HU ``[B, D, H, W, 1]``, sides
 divisible by the coarsest stride and static)::
 
-  HUNormalization -> backbone -> {s: [B, D/s, H/s, W/s, C]}             features()
-  one RPN head per level -> logits {s: [B,d,h,w,A]}, deltas {s: [...,A,4]} rpn()
-  decode with the anchors, top-k, 3D NMS, pad to P           -> proposals propose()
-  Diameter Alignment -> (Local Magnification) -> 3D RoI Align per level,
-  concatenation over levels -> FPR head                       -> [B, P]    classify()
+  HUNormalization -> backbone -> {s: [B, D/s, H/s, W/s, C]}, every pyramid level  features()
+  one RPN head per anchor level -> logits {s: [B,d,h,w,A]}, deltas {s: [...,A,4]}  rpn()
+  decode with the anchors, top-k, 3D NMS, pad to P           -> proposals        propose()
+  Diameter Alignment -> (Local Magnification) -> 3D RoI Align per pyramid level,
+  concatenation over all levels -> FPR head                   -> [B, P]          classify()
   final score = mean(RPN probability, FPRN probability)
 
-The level of a proposal is the level of the anchor that produced it. The backbone, the RPN heads
+The anchor levels (:attr:`Agg3DDetector.strides`, ``anchor_config.strides``) are any subset of
+the backbone's pyramid levels (:attr:`Agg3DDetector.pyramid_strides`): all three in the paper's
+"Multi-Scale" setting, only stride 4 in our reading of Table II's single-scale rows (all six
+anchor1 sizes on the stride-4 map). The FPRN aggregates every pyramid level either way.
+
+The level of a proposal is the index (into :attr:`strides`) of the anchor level that produced
+it; its Diameter Alignment reference stride is that level's stride. The backbone, the RPN heads
 (a dict ``{stride: layer}`` or a factory ``callable(stride, num_anchors) -> layer``), the FPR
 head and the Local Magnification layer are constructor arguments, so each can be replaced by
 any layer of the same contract; see :mod:`tf_agg3d.heads.rpn_head` and
@@ -25,11 +31,12 @@ from collections.abc import Callable
 import keras
 import tensorflow as tf
 
-from tf_agg3d.config import AnchorConfig, FPRConfig, ProposalConfig, from_dict
+from tf_agg3d.config import AnchorConfig, ConfigError, FPRConfig, ProposalConfig, from_dict
 from tf_agg3d.layers.diameter_alignment import DiameterAlignment, voxel_to_feature
 from tf_agg3d.layers.hu_normalization import HUNormalization
 from tf_agg3d.layers.local_magnification import (
     LocalMagnification,
+    deconv_stride_of,
     gather_patches,
     magnified_boxes,
 )
@@ -81,20 +88,27 @@ class Agg3DDetector(keras.Model):
 
     Args:
       backbone: layer mapping ``[B, D, H, W, 1]`` normalised intensities to
-        ``{stride: [B, D/s, H/s, W/s, C]}`` with every stride of `anchor_config`.
-      rpn_heads: ``{stride: layer}`` (one per stride), a list in stride order, or a factory
-        ``callable(stride, num_anchors) -> layer`` called once per stride. Each head maps
-        ``[B, d, h, w, C]`` to ``(logits [B, d, h, w, A], deltas [B, d, h, w, A, 4])``.
+        ``{stride: [B, D/s, H/s, W/s, C]}`` with every stride of `pyramid_strides`.
+      rpn_heads: ``{stride: layer}`` (one per anchor stride), a list in anchor-stride order, or
+        a factory ``callable(stride, num_anchors) -> layer`` called once per anchor stride.
+        Each head maps ``[B, d, h, w, C]`` to ``(logits [B, d, h, w, A], deltas [..., A, 4])``.
       fpr_head: layer ``[R, F] -> [R]`` logits, or None for an RPN-only model.
-      anchor_config: :class:`AnchorConfig` (or its dict): strides and anchor sizes.
+      anchor_config: :class:`AnchorConfig` (or its dict): anchor strides (a subset of the
+        pyramid strides) and anchor sizes, one list per anchor stride.
       proposal_config: :class:`ProposalConfig` (or dict): decoding, top-k, NMS, P.
       fpr_config: :class:`FPRConfig` (or dict): FPR branch switches and crop settings.
-      local_magnification: layer ``[R, P, P, P, C] -> [R, kP, kP, kP, C]`` with a ``scale``
-        attribute (k); None builds :class:`LocalMagnification` from `fpr_config` when Local
-        Magnification is on.
+      local_magnification: layer ``[R, P, P, P, C] -> [R, Q, Q, Q, C]`` with a ``scale``
+        attribute k and optionally ``offset`` (default 0) and ``output_cells(P)`` (default
+        ``k * P``): patch coordinate ``v`` maps to output coordinate ``k * v + offset``. None
+        builds :class:`LocalMagnification` from `fpr_config` when Local Magnification is on.
+        P is ``fpr_config.magnify_crop_cells`` (table1) or ``magnify_patch_cells`` (patch).
       hu_window: (min, max) HU mapped to [0, 1] by the first layer.
+      pyramid_strides: the backbone levels the FPRN aggregates; default the backbone's
+        ``strides`` attribute, else the anchor strides.
 
     Attributes:
+      strides: the anchor (RPN) strides; proposal levels index them.
+      pyramid_strides: every backbone level, finest first; the FPRN aggregates all of them.
       roi_align_fn: the 3D RoI Align used by :meth:`classify`, with the signature of
         :func:`tf_agg3d.ops.roi_align.roi_align_3d`. Defaults to the custom op when
         ``fpr_config.use_custom_op`` and it is built; assign the pure-TF function before
@@ -111,6 +125,7 @@ class Agg3DDetector(keras.Model):
         fpr_config=None,
         local_magnification=None,
         hu_window=(-1200.0, 600.0),
+        pyramid_strides=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -118,13 +133,9 @@ class Agg3DDetector(keras.Model):
         self.proposal_config = _as_config(proposal_config, ProposalConfig)
         self.fpr_config = _as_config(fpr_config, FPRConfig)
         self.strides = tuple(int(s) for s in self.anchor_config.strides)
-        if len(self.strides) != len(self.anchor_config.sizes):
-            raise ValueError("anchor_config: one size group per stride is required")
-        backbone_strides = getattr(backbone, "strides", None)
-        if backbone_strides is not None and tuple(backbone_strides) != self.strides:
-            raise ValueError(
-                f"backbone strides {tuple(backbone_strides)} != anchor strides {self.strides}"
-            )
+        self.pyramid_strides = self._resolve_pyramid(backbone, pyramid_strides)
+        # Level index (into self.strides) -> index into self.pyramid_strides.
+        self._level_to_pyramid = tuple(self.pyramid_strides.index(s) for s in self.strides)
         self.hu_window = tuple(float(v) for v in hu_window)
         self.normalizer = HUNormalization(*self.hu_window, name="hu_normalization")
         self.backbone = backbone
@@ -134,12 +145,13 @@ class Agg3DDetector(keras.Model):
             self.magnifier = local_magnification or LocalMagnification(
                 num_stages=self.fpr_config.magnify_stages,
                 layers_per_stage=self.fpr_config.magnify_layers_per_stage,
+                deconv_stride=deconv_stride_of(self.fpr_config.magnify_mode),
                 name="local_magnification",
             )
         else:
             self.magnifier = None
         self.aligner = DiameterAlignment(
-            self.strides,
+            self.pyramid_strides,
             self.fpr_config.diameter_alignment,
             self.fpr_config.crop_margin_cells,
             name="diameter_alignment",
@@ -149,6 +161,27 @@ class Agg3DDetector(keras.Model):
     # ----------------------------------------------------------------------------------------
     # Construction helpers
     # ----------------------------------------------------------------------------------------
+
+    def _resolve_pyramid(self, backbone, pyramid_strides) -> tuple[int, ...]:
+        backbone_strides = getattr(backbone, "strides", None)
+        if backbone_strides is not None:
+            backbone_strides = tuple(int(s) for s in backbone_strides)
+        if pyramid_strides is None:
+            pyramid = backbone_strides if backbone_strides is not None else self.strides
+        else:
+            pyramid = tuple(int(s) for s in pyramid_strides)
+            if backbone_strides is not None and not set(pyramid) <= set(backbone_strides):
+                raise ConfigError(
+                    f"pyramid strides {list(pyramid)} are not all backbone strides "
+                    f"{list(backbone_strides)}"
+                )
+        extra = [s for s in self.strides if s not in pyramid]
+        if extra:
+            raise ConfigError(
+                f"model.anchors.strides {list(self.strides)} must be a subset of the backbone's "
+                f"pyramid strides {list(pyramid)}; {extra} not among them"
+            )
+        return pyramid
 
     def _resolve_heads(self, rpn_heads) -> list:
         if isinstance(rpn_heads, dict):
@@ -166,6 +199,12 @@ class Agg3DDetector(keras.Model):
                 for s, sizes in zip(self.strides, self.anchor_config.sizes, strict=False)
             ]
         raise TypeError("rpn_heads must be a dict {stride: layer}, a list or a factory")
+
+    @property
+    def magnify_input_cells(self) -> int:
+        """P, the side of the fixed crop each level gives Local Magnification (mode's field)."""
+        cfg = self.fpr_config
+        return cfg.magnify_crop_cells if cfg.magnify_mode == "table1" else cfg.magnify_patch_cells
 
     @property
     def rpn_heads_by_stride(self) -> dict:
@@ -199,16 +238,17 @@ class Agg3DDetector(keras.Model):
           training: BatchNormalization mode.
 
         Returns:
-          ``{stride: [B, D/s, H/s, W/s, C]}``.
+          ``{stride: [B, D/s, H/s, W/s, C]}`` for every stride of :attr:`pyramid_strides` (the
+          anchor strides are among them).
         """
         feats = self.backbone(self.normalizer(volume), training=training)
-        return {s: feats[s] for s in self.strides}
+        return {s: feats[s] for s in self.pyramid_strides}
 
     def rpn(self, features, training=None) -> tuple[dict, dict]:
-        """Per-level RPN outputs.
+        """Per-level RPN outputs, on the anchor levels only.
 
         Args:
-          features: ``{stride: [B, d, h, w, C]}``.
+          features: ``{stride: [B, d, h, w, C]}`` (at least the anchor strides).
           training: head training mode.
 
         Returns:
@@ -280,9 +320,9 @@ class Agg3DDetector(keras.Model):
         """FPRN logits of proposals: Diameter Alignment, Local Magnification, RoI Align, head.
 
         Args:
-          features: ``{stride: [B, d, h, w, C]}``.
+          features: ``{stride: [B, d, h, w, C]}`` for every pyramid stride.
           boxes: [B, P, 4] (z, y, x, d) input voxels.
-          levels: int [B, P] level index of each proposal.
+          levels: int [B, P] anchor-level index (into :attr:`strides`) of each proposal.
           valid: bool [B, P]; padding rows get logit 0 (their scores are zeroed by `call`).
           training: mode of the magnifier and head.
 
@@ -298,33 +338,41 @@ class Agg3DDetector(keras.Model):
         flat_levels = tf.reshape(tf.cast(levels, tf.int32), [-1])
         rois = tf.shape(flat_boxes)[0]
         batch_index = tf.repeat(tf.range(batch), num)
-        crops = self.aligner(flat_boxes, flat_levels)
+        # Diameter Alignment takes the proposal's reference stride by pyramid index.
+        ref_index = tf.gather(tf.constant(self._level_to_pyramid, tf.int32), flat_levels)
+        crops = self.aligner(flat_boxes, ref_index)
         size, ratio = cfg.roi_output_size, cfg.roi_sampling_ratio
+        pyramid = self.pyramid_strides
         if self.magnifier is not None:
-            patch = cfg.magnify_patch_cells
-            scale = int(self.magnifier.scale)
+            patch = self.magnify_input_cells
+            scale = float(self.magnifier.scale)
+            offset = float(getattr(self.magnifier, "offset", 0.0))
+            out_cells = getattr(self.magnifier, "output_cells", None)
+            out_cells = int(out_cells(patch)) if callable(out_cells) else None
             patches, roi_boxes = [], []
-            for stride in self.strides:
+            for stride in pyramid:
                 centre = voxel_to_feature(flat_boxes[:, :3], float(stride))
                 p, origin = gather_patches(features[stride], centre, batch_index, patch)
                 patches.append(p)
-                roi_boxes.append(magnified_boxes(crops[stride], origin, patch, scale))
+                roi_boxes.append(
+                    magnified_boxes(crops[stride], origin, patch, scale, offset, out_cells)
+                )
             # One batched call: the same weights magnify every level's crops.
             magnified = self.magnifier(tf.concat(patches, axis=0), training=training)
             pooled = self.roi_align_fn(
                 magnified,
                 tf.concat(roi_boxes, axis=0),
-                tf.range(len(self.strides) * rois),
+                tf.range(len(pyramid) * rois),
                 output_size=size,
                 sampling_ratio=ratio,
             )
-            per_level = tf.split(pooled, len(self.strides), axis=0)
+            per_level = tf.split(pooled, len(pyramid), axis=0)
         else:
             per_level = [
                 self.roi_align_fn(
                     features[s], crops[s], batch_index, output_size=size, sampling_ratio=ratio
                 )
-                for s in self.strides
+                for s in pyramid
             ]
         flat = [tf.reshape(x, [-1, size**3 * int(x.shape[-1])]) for x in per_level]
         logits = tf.reshape(self.fpr_head(tf.concat(flat, axis=-1), training=training), [-1])
@@ -381,6 +429,7 @@ class Agg3DDetector(keras.Model):
             proposal_config=dataclasses.asdict(self.proposal_config),
             fpr_config=dataclasses.asdict(self.fpr_config),
             hu_window=list(self.hu_window),
+            pyramid_strides=list(self.pyramid_strides),
         )
         return config
 
@@ -393,4 +442,8 @@ class Agg3DDetector(keras.Model):
         for key in ("fpr_head", "local_magnification"):
             if config.get(key) is not None:
                 config[key] = deserialize(config[key])
+        fpr = config.get("fpr_config")
+        if isinstance(fpr, dict) and "magnify_mode" not in fpr:
+            # Saved before the table1 variant existed: Local Magnification was the patch one.
+            config["fpr_config"] = {**fpr, "magnify_mode": "patch"}
         return cls(**config)

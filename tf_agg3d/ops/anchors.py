@@ -20,6 +20,20 @@ ANCHOR_PRESETS: dict[str, tuple[tuple[float, ...], ...]] = {
 }
 
 
+def single_scale(
+    sizes: Sequence[Sequence[float]], stride: int = 4
+) -> tuple[tuple[int, ...], tuple[tuple[float, ...], ...]]:
+    """``(strides, sizes)`` putting every size of a multi-scale set on one level.
+
+    Table II's single-scale rows (a, b) in our reading of Section IV.B ("{4, 6, 8, 12, 16, 24} mm
+    at the feature layer of 4 mm resolution"): ``single_scale(ANCHOR_PRESETS["anchor1"])`` is
+    ``((4,), ((4, 6, 8, 12, 16, 24),))``, i.e. ``model.anchors.strides: [4]`` and
+    ``model.anchors.sizes: [[4, 6, 8, 12, 16, 24]]``.
+    """
+    flat = tuple(sorted(float(d) for group in sizes for d in group))
+    return (int(stride),), (flat,)
+
+
 def feature_shape(input_shape: Sequence[int], stride: int) -> tuple[int, int, int]:
     """Spatial shape of the feature map of `stride` for an input of `input_shape` (D, H, W).
 
@@ -66,7 +80,10 @@ def generate_anchors(input_shape: Sequence[int], stride: int, sizes: Sequence[fl
 def multilevel_anchors(
     input_shape: Sequence[int], strides: Sequence[int], sizes: Sequence[Sequence[float]]
 ) -> dict[int, tf.Tensor]:
-    """Anchors of every level: ``{stride: float32 [d, h, w, A_s, 4]}``.
+    """Anchors of every anchor level: ``{stride: float32 [d, h, w, A_s, 4]}``.
+
+    `strides` are the levels that carry RPN heads (``model.anchors.strides``): all pyramid
+    levels (multi-scale) or a subset, e.g. ``(4,)`` for single-scale.
 
     Raises:
       ValueError: `strides` and `sizes` of different lengths.

@@ -36,7 +36,8 @@ def assign_anchor_targets(
 
     Args:
       gt_boxes: float [G, 4] (z, y, x, d) in input voxels; rows with d <= 0 are padding.
-      anchors: {stride: [d, h, w, A, 4]} from :func:`tf_agg3d.ops.anchors.multilevel_anchors`.
+      anchors: {stride: [d, h, w, A, 4]} from :func:`tf_agg3d.ops.anchors.multilevel_anchors`,
+        for the anchor strides only (one level for single-scale anchors).
       positive_iou: IoU above which an anchor is positive (0.5 in the paper).
       negative_iou: IoU below which an anchor is negative (0.02 in the paper).
 

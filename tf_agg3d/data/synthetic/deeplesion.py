@@ -47,7 +47,7 @@ from PIL import Image
 from tf_agg3d.data.deeplesion.dl_info import DL_INFO, DL_INFO_COLUMNS, format_numbers
 from tf_agg3d.data.deeplesion.slices import IMAGES_DIR, PNG_OFFSET, SLICE_RE
 from tf_agg3d.data.synthetic import anatomy as anat
-from tf_agg3d.data.synthetic.writers import write_if_changed
+from tf_agg3d.data.synthetic.writers import check_generator_arguments, write_if_changed
 
 SLICE_INTERVALS = (1.0, 1.25, 2.0, 2.5, 3.0, 5.0)
 REGIONS = ("chest", "abdomen", "pelvis")
@@ -365,7 +365,7 @@ def generate_dataset(
     """Writes `n_series` synthetic DeepLesion series under `out_dir`.
 
     Args:
-      out_dir: output folder (Images_png/ and DL_info.csv are created in it).
+      out_dir: local output folder (Images_png/ and DL_info.csv are created in it).
       n_series: number of series folders (>= 1). Every fifth series is a second study of the
         previous patient (same split, as the official splits are per patient).
       seed: >= 0.
@@ -377,10 +377,7 @@ def generate_dataset(
       (uid -> list of :class:`TrueLesion`), ``large`` (lesions >= 48 mm), ``duplicated``
       (lesions with two rows), ``seconds``.
     """
-    if n_series < 1:
-        raise ValueError(f"n_series must be >= 1, got {n_series}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_generator_arguments(out_dir, "n_series", n_series, seed)
     if size < 64:
         raise ValueError(f"size must be >= 64 pixels, got {size}")
     start = time.time()

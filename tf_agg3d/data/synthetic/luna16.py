@@ -63,8 +63,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from tf_agg3d.data.synthetic import anatomy as anat
-from tf_agg3d.data.synthetic.writers import write_metaimage, write_text_if_changed
-from tf_agg3d.utils.io import is_url
+from tf_agg3d.data.synthetic.writers import (
+    check_generator_arguments,
+    write_metaimage,
+    write_text_if_changed,
+)
 
 UID_PREFIX = "1.3.6.1.4.1.14519.5.2.1.6279.6001."
 N_SUBSETS = 10
@@ -385,12 +388,7 @@ def generate_dataset(
         `flipped_uids`, `origin` / `spacing` (uid -> x, y, z mm), `direction` (uid -> 9 floats),
         `shape` (uid -> [D, H, W]), `seed`, `out_dir`, `seconds`.
     """
-    if is_url(out_dir):
-        raise ValueError(f"the synthetic generator writes local folders only, got {out_dir}")
-    if n_scans < 1:
-        raise ValueError(f"n_scans must be >= 1, got {n_scans}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    check_generator_arguments(out_dir, "n_scans", n_scans, seed)
     start = time.time()
     children = np.random.SeedSequence(seed).spawn(n_scans + 1)
     plan = np.random.default_rng(children[0])

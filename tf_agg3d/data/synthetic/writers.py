@@ -1,4 +1,5 @@
-"""File writers both synthetic generators share: atomic, and no-ops when nothing would change.
+"""File writers both synthetic generators share: atomic, and no-ops when nothing would change;
+and the checks of a generator's arguments made before anything is written.
 
 A file is written to a temporary name and renamed into place, so a reader never sees half a
 file; a file whose bytes would not change is left untouched, so re-running a generator with the
@@ -16,6 +17,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from tf_agg3d.utils.io import atomic_write_bytes, is_url
+
+
+def check_generator_arguments(out_dir: str, count_name: str, count: int, seed: int) -> None:
+    """Raises ValueError unless `out_dir` is a local folder (the writers here write local files
+    only), `count` (the argument `count_name`: scans, series) is >= 1 and `seed` is >= 0."""
+    if is_url(out_dir):
+        raise ValueError(f"the synthetic generator writes local folders only, got {out_dir}")
+    if count < 1:
+        raise ValueError(f"{count_name} must be >= 1, got {count}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
 
 
 def _same_bytes(a: str, b: str) -> bool:

@@ -5,6 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
+BEAM_STAMP := $(VENV)/.installed-beam
 OP_DIR := custom_ops/roi_align_3d
 OP_SO := $(OP_DIR)/_roi_align_3d.so
 OP_SRC := $(wildcard $(OP_DIR)/*.cc $(OP_DIR)/*.h $(OP_DIR)/*.cu.cc $(OP_DIR)/build.py)
@@ -17,7 +18,7 @@ export TF_ENABLE_ONEDNN_OPTS ?= 1
 # pip prints one warning per empty local index folder; they say nothing about this install.
 PIP_FILTER := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install op demo demo-deeplesion test test-fast lint smoke-newest clean bench
+.PHONY: install install-beam op demo demo-deeplesion test test-fast lint smoke-newest clean bench
 
 install: $(STAMP) op
 
@@ -29,6 +30,13 @@ $(STAMP): $(VENV)/bin/python requirements/pinned.txt setup.cfg pyproject.toml
 	set -o pipefail; $(PIP) install -q --no-deps tensorflow-serving-api==2.16.1 2>&1 | $(PIP_FILTER)
 	set -o pipefail; $(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | $(PIP_FILTER)
 	touch $(STAMP)
+
+# The Beam batch jobs' extra (tf_agg3d.pipelines), installed with pinned.txt so that its protobuf stays.
+install-beam: $(BEAM_STAMP)
+
+$(BEAM_STAMP): $(STAMP) requirements/beam.txt
+	set -o pipefail; $(PIP) install -q -r requirements/pinned.txt -r requirements/beam.txt 2>&1 | $(PIP_FILTER)
+	touch $(BEAM_STAMP)
 
 # The custom op is optional at run time (pure-TF fallback) but always built here when its sources exist.
 op: $(STAMP)
@@ -44,10 +52,10 @@ demo: install
 demo-deeplesion: install
 	PYTHONUNBUFFERED=1 $(PY) -m tf_agg3d.demo_deeplesion --out $(DEMO_OUT)/deeplesion
 
-test: install
+test: install $(BEAM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install $(BEAM_STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -97,3 +97,19 @@ def test_input_pipeline_bench_headroom_is_supply_over_demand():
     consumed = report["train_steps_per_s"] * report["batch_size"]
     assert report["crops_consumed_per_s"] == pytest.approx(consumed, abs=0.01)
     assert report["pipeline_headroom"] == pytest.approx(report["crops_per_s"] / consumed, rel=0.01)
+
+
+def test_serving_load_bench_counts_every_scan_and_orders_its_percentiles():
+    report = json.loads(
+        _run_bench("serving_load.py", "--clients", "1,2", "--scans-per-client", "2")
+    )
+    assert report["model"] == "standin" and report["scans_per_client"] == 2
+    assert [row["clients"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["scans"] == row["clients"] * 2 == row["ok"] + row["errors"]
+        assert row["errors"] == 0, row["error_messages"]
+        assert row["scans_per_s"] == pytest.approx(row["ok"] / row["wall_s"], rel=0.01)
+        lat = row["latency_s"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+        assert lat["mean"] <= lat["max"]
+        assert row["findings_per_scan"] == 5  # the stand-in reports its top five cells

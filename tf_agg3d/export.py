@@ -16,7 +16,8 @@ stores the version's files are moved in one by one with ``saved_model.pb`` last
 (:mod:`tf_agg3d.serving.publishing`).
 
 Exit status: 0 on success, 1 when the export or the models.config failed (a ``kind: message``
-line on stderr), 2 for a usage error or a missing optional package (tensorflow-io for s3://).
+line on stderr), 2 for a usage error, a missing optional package (tensorflow-io for s3://), or
+no usable checkpoint (none in --model-dir, or a truncated / damaged one, named).
 Every flag also takes its underscore spelling (``--model_dir``, ``--export_base``).
 """
 
@@ -59,6 +60,7 @@ def main(argv) -> int:
 
     from tf_agg3d.config import ConfigError
     from tf_agg3d.data.errors import DataError
+    from tf_agg3d.models.checkpoints import CheckpointNotFoundError
     from tf_agg3d.serving.errors import ExportError
     from tf_agg3d.serving.models_config import ServedModel, write_models_config
     from tf_agg3d.serving.publishing import export_from_checkpoint
@@ -111,6 +113,9 @@ def main(argv) -> int:
             )
             write_models_config(opts.models_config, [model])
             print(f"wrote {opts.models_config} (base_path {model.base_path})")
+    except CheckpointNotFoundError as err:  # none there, or an unreadable (corrupt) one
+        cli_exit.report(err)
+        return cli_exit.USAGE
     except (ExportError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
         cli_exit.report(err)
         return cli_exit.ITEMS_FAILED

@@ -104,7 +104,8 @@ def test_requested_verbosity(argv, expected):
 @pytest.mark.parametrize(
     "argv, environ, expected",
     [
-        (["p"], {}, "1"),  # quiet by default: TensorFlow's C++ INFO lines hidden
+        (["p"], {}, "2"),  # quiet by default: TensorFlow's C++ INFO and WARNING lines hidden
+        (["p", "-v", "-1"], {}, "1"),  # warnings asked for
         (["p", "-v", "0"], {}, None),  # INFO asked for: TensorFlow's own default (all)
         (["p", "--verbosity=-2"], {}, "2"),
         (["p"], {"TF_CPP_MIN_LOG_LEVEL": "0"}, "0"),  # the user's setting wins

@@ -23,6 +23,7 @@ EXPECTED = {
     "agg3d-client",
     "agg3d-synthetic-luna16",
     "agg3d-synthetic-deeplesion",
+    "agg3d-crossval",
 }
 
 

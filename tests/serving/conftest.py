@@ -10,19 +10,27 @@ Two models are exported once per session:
   saved_model_cli, equality and round-trip tests (marked slow: its export alone takes tens of
   seconds on a shared CPU).
 
+The reliability tests (restarts, overload, hostile requests, versions published mid-flight)
+also run the server as a separate process (:func:`start_server_process`) and compare what the
+client gets with the SavedModel run in-process (:func:`local_findings`).
+
 Helpers reach tests through fixtures, never ``from conftest import``.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 import types
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import tensorflow as tf
-from support import TINY_DETECTOR_OVERRIDES, write_model_dir
+from support import REPO, TINY_DETECTOR_OVERRIDES, subprocess_env, write_model_dir
 
 from tf_agg3d.config import load_config
 from tf_agg3d.serving.dev_server import DevServer
@@ -128,6 +136,76 @@ def export_standin(base, version=None, scale=1.0, overwrite=False, **kw):
     return export_saved_model(module, str(base), overwrite=overwrite, **kw)
 
 
+_LOADED: dict = {}
+
+
+def local_findings(base, version, path, preprocess):
+    """What the client should get for scan `path`: preprocessed and detected in this process.
+
+    Args:
+      base: the model base (holding ``agg3d/<version>/``).
+      version: the version to run.
+      path: the scan.
+      preprocess: the PreprocessConfig (the client's ``preprocess_config()``).
+    """
+    from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
+    from tf_agg3d.data.readers.sitk import read_scan
+    from tf_agg3d.inference.predictor import findings_from_detections, scan_uid
+
+    export = os.path.join(str(base), "agg3d", str(version))
+    if export not in _LOADED:
+        _LOADED[export] = tf.saved_model.load(export)
+    volume, meta = preprocess_scan(read_scan(path), None, preprocess, seriesuid=scan_uid(path))
+    out = _LOADED[export].signatures["detect"](volume=tf.constant(volume))
+    return findings_from_detections({k: v.numpy() for k, v in out.items()}, meta["affine"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server_process(log_path, *flags):
+    """``python -m tf_agg3d.serving.dev_server FLAGS`` with stdout and stderr in `log_path`."""
+    log = open(log_path, "a")  # noqa: SIM115 - closed by stop_server_process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tf_agg3d.serving.dev_server", *flags],
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    proc.log_file = log
+    return proc
+
+
+def stop_server_process(proc, kill=False) -> None:
+    if proc.poll() is None:
+        proc.kill() if kill else proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    proc.log_file.close()
+
+
+def wait_for_line(log_path, needle, timeout_s=120.0, proc=None) -> str:
+    """The log's text once it contains `needle` (AssertionError with the log after timeout)."""
+    end = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < end:
+        with open(log_path) as f:
+            text = f.read()
+        if needle in text:
+            return text
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} not in the server's log:\n{text[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def helpers():
     return types.SimpleNamespace(
@@ -136,6 +214,11 @@ def helpers():
         write_scan=write_scan,
         tiny_config=tiny_config,
         export_standin=export_standin,
+        local_findings=local_findings,
+        free_port=free_port,
+        start_server_process=start_server_process,
+        stop_server_process=stop_server_process,
+        wait_for_line=wait_for_line,
         STANDIN_MAX_SHAPE=STANDIN_MAX_SHAPE,
         STANDIN_WINDOW=STANDIN_WINDOW,
     )

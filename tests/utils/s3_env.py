@@ -60,13 +60,28 @@ class S3Server:
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)
 
-    def upload_tree(self, local_dir: str, bucket: str, prefix: str) -> int:
-        """Uploads every file below `local_dir` to ``s3://bucket/prefix/...``; returns the count."""
+    def upload_tree(
+        self, local_dir: str, bucket: str, prefix: str = "", markers: bool = False
+    ) -> int:
+        """Uploads every file below `local_dir` to ``s3://bucket/prefix/...``; returns the count.
+
+        Args:
+          prefix: the key prefix; "" uploads to the bucket root.
+          markers: also create the zero-byte "directory marker" objects (``prefix/``,
+            ``prefix/sub/``) that consoles and some sync tools write; not counted.
+        """
         client, count = self.client(), 0
+        prefix = prefix.strip("/")
         for folder, _, files in os.walk(local_dir):
+            rel_folder = os.path.relpath(folder, local_dir).replace(os.sep, "/")
+            if markers:
+                parts = [p for p in (prefix, "" if rel_folder == "." else rel_folder) if p]
+                if parts:
+                    client.put_object(Bucket=bucket, Key="/".join(parts) + "/", Body=b"")
             for name in files:
                 path = os.path.join(folder, name)
-                key = "/".join([prefix, os.path.relpath(path, local_dir).replace(os.sep, "/")])
+                rel = os.path.relpath(path, local_dir).replace(os.sep, "/")
+                key = f"{prefix}/{rel}" if prefix else rel
                 client.upload_file(path, bucket, key)
                 count += 1
         return count

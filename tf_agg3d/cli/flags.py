@@ -15,7 +15,7 @@ Logging is quiet by default: absl's ``-v`` / ``--verbosity`` defaults to WARNING
 commands instead of absl's INFO, so absl and TensorFlow INFO lines appear only with
 ``--verbosity=0`` (or ``-v 0``); the project's own progress lines are printed, or logged
 through the ``tf_agg3d`` logger, which stays at INFO unless a level below INFO is asked for.
-TensorFlow's C++ INFO lines follow the same flag (:mod:`tf_agg3d.utils.verbosity`).
+TensorFlow's C++ INFO and WARNING lines follow the same flag (:mod:`tf_agg3d.utils.verbosity`).
 """
 
 from __future__ import annotations

@@ -16,11 +16,19 @@ optional package (tensorflow-io for s3://).
 
 Development server::
 
-  agg3d-serve --model-base BASE --model-name agg3d --port 8500 \\
-      [--host 127.0.0.1] [--versions 3,4] [--poll-s 30] [--tls-cert F --tls-key F]
+  agg3d-serve --model_base_path /models/agg3d [--model-name agg3d] --port 8500 \\
+      [--host 127.0.0.1] [--versions 3,4] [--poll-s 30] [--tls-cert F --tls-key F] \\
+      [--max-concurrent-requests 4] [--max-queued-requests 8] [--max-volume-shape D,H,W]
+  agg3d-serve --model-base /models --model-name agg3d ...      (the folder above the model's)
+
+``--model_base_path`` has TF-Serving's meaning: the folder that holds the numeric version
+folders; the model name defaults to its basename. ``--model-base`` is the folder above
+``<model_name>/``; give one of the two. The port opens once the initial versions are loaded
+(as TF-Serving's does); a line on stdout says which versions were found and loaded at start-up
+and on every poll, or why the base path holds no loadable version.
 
 Exit status: 0 after Ctrl-C; 1 a TLS file it cannot read, a bad base path or a port in use; 2
-a usage error (a bad flag) or a missing optional package.
+a usage error (a bad flag, both base paths or neither) or a missing optional package.
 
 Every flag takes its dashed spelling and its underscore one (``--model-base``,
 ``--model_base``).
@@ -65,8 +73,14 @@ def define_client_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_string("client-cert", None, "PEM client certificate (mutual TLS).", **fv)
     flags.DEFINE_string("client-key", None, "PEM client private key (mutual TLS).", **fv)
     flags.DEFINE_string("server-name", None, "TLS server name to verify instead of the host.", **fv)
-    flags.DEFINE_float("deadline", 600.0, "Per-scan deadline, seconds.", **fv)
-    flags.DEFINE_integer("retries", 4, "Retries for UNAVAILABLE, with exponential backoff.", **fv)
+    flags.DEFINE_float("deadline", 600.0, "Per-call deadline, seconds, retries included.", **fv)
+    flags.DEFINE_integer(
+        "retries",
+        None,
+        "At most this many retries (server down or restarting, overloaded, no connection), "
+        "with exponential backoff (default: until --deadline).",
+        **fv,
+    )
     flags.DEFINE_integer("max-concurrency", 2, "Scans in flight.", **fv)
     flags.DEFINE_float("wait", 0.0, "Wait up to this many seconds for the model to be ready.", **fv)
     flags.mark_flags_as_required(["target", "out"], flag_values=flag_values)
@@ -124,6 +138,8 @@ def client_main(argv: Sequence[str]) -> int:
                     f"({result.seconds:.1f} s)",
                     flush=True,
                 )
+            elif result.source in str(result.error):
+                note(f"FAILED: {result.error}")
             else:
                 note(f"{result.source}: FAILED: {result.error}")
 
@@ -161,20 +177,46 @@ def define_server_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     from tf_agg3d.serving import contract
 
     fv = {"flag_values": flag_values}
-    flags.DEFINE_string("model-base", None, "TF-Serving base path holding MODEL/VERSION/.", **fv)
-    flags.DEFINE_string("model-name", contract.MODEL_NAME, "Model name (and its directory).", **fv)
+    flags.DEFINE_string(
+        "model-base-path",
+        None,
+        "TF-Serving's --model_base_path: the folder holding the numeric version folders "
+        "(e.g. /models/agg3d).",
+        **fv,
+    )
+    flags.DEFINE_string(
+        "model-base", None, "The folder above the model's: holds MODEL_NAME/VERSION/.", **fv
+    )
+    flags.DEFINE_string(
+        "model-name",
+        None,
+        f"Model name (default: --model_base_path's basename, or {contract.MODEL_NAME} with "
+        "--model-base).",
+        **fv,
+    )
     flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on (0.0.0.0 exposes it).", **fv)
     flags.DEFINE_integer("port", 8500, "gRPC port (TF-Serving's is 8500).", **fv)
     flags.DEFINE_list("versions", [], "Serve exactly these versions (default: the latest).", **fv)
     flags.DEFINE_list("version-labels", [], "label=version pairs, e.g. stable=3,canary=4.", **fv)
     flags.DEFINE_integer("max-message-bytes", contract.MAX_MESSAGE_BYTES, "gRPC size limit.", **fv)
     flags.DEFINE_float("delay-s", 0.0, "Sleep before each Predict (deadline testing).", **fv)
-    flags.DEFINE_integer("max-workers", 4, "Concurrent requests.", **fv)
+    flags.DEFINE_integer("max-concurrent-requests", 4, "Predict calls running at once.", **fv)
+    flags.DEFINE_integer(
+        "max-queued-requests",
+        8,
+        "Predict calls waiting for a slot; more get RESOURCE_EXHAUSTED with a retry hint.",
+        **fv,
+    )
+    flags.DEFINE_list(
+        "max-volume-shape",
+        [],
+        "Largest volume D,H,W the server accepts (default: the model's own limit).",
+        **fv,
+    )
     flags.DEFINE_float("poll-s", 0.0, "Re-scan the base path for versions (0: never).", **fv)
     flags.DEFINE_string("tls-cert", None, "PEM server certificate (enables TLS).", **fv)
     flags.DEFINE_string("tls-key", None, "PEM server private key.", **fv)
     flags.DEFINE_string("tls-client-ca", None, "PEM CA for client certificates (mutual TLS).", **fv)
-    flags.mark_flag_as_required("model-base", flag_values=flag_values)
 
 
 def parse_version_labels(pairs: Sequence[str]) -> dict[str, int]:
@@ -196,32 +238,61 @@ def serve_main(argv: Sequence[str]) -> int:
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {list(argv[1:])}")
     f = cli_flags.values()
+    if bool(f.model_base) == bool(f.model_base_path):
+        raise cli_exit.UsageError(
+            "give --model_base_path (the folder holding the version folders, e.g. "
+            "/models/agg3d) or --model-base (the folder above MODEL_NAME/), not both"
+            if f.model_base
+            else "missing --model_base_path (the folder holding the version folders, e.g. "
+            "/models/agg3d) or --model-base (the folder above MODEL_NAME/)"
+        )
     versions = cli_flags.integers("versions", f.versions)
     labels = parse_version_labels(f.version_labels)
+    max_shape = cli_flags.integers("max-volume-shape", f.max_volume_shape) or None
+    if max_shape is not None and (len(max_shape) != 3 or min(max_shape) < 1):
+        raise cli_exit.UsageError(
+            f"--max-volume-shape: expected three positive sizes D,H,W, got {f.max_volume_shape}"
+        )
+    if f.max_concurrent_requests < 1 or f.max_queued_requests < 0:
+        raise cli_exit.UsageError(
+            "--max-concurrent-requests must be >= 1 and --max-queued-requests >= 0"
+        )
     # A missing tensorflow-io (ImportError) is status 2 (tf_agg3d.cli.exit.call).
-    ensure_filesystems(f.model_base, f.tls_cert, f.tls_key, f.tls_client_ca)
+    ensure_filesystems(f.model_base, f.model_base_path, f.tls_cert, f.tls_key, f.tls_client_ca)
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
     try:
         server = DevServer(
-            os.path.expanduser(f.model_base),
+            os.path.expanduser(f.model_base) if f.model_base else None,
             f.model_name,
+            model_base_path=os.path.expanduser(f.model_base_path) if f.model_base_path else None,
             host=f.host,
             port=f.port,
             versions=versions or None,
             version_labels=labels,
             max_message_bytes=f.max_message_bytes,
             delay_s=f.delay_s,
-            max_workers=f.max_workers,
+            max_concurrent_requests=f.max_concurrent_requests,
+            max_queued_requests=f.max_queued_requests,
+            max_volume_shape=max_shape,
             tls_cert=f.tls_cert,
             tls_key=f.tls_key,
             tls_client_ca=f.tls_client_ca,
-            background_load=True,
             poll_s=f.poll_s,
+            log=log,
         )
+        # Loads the initial versions, then opens the port (as TF-Serving does).
+        server.start()
     except (ValueError, OSError) as err:  # a TLS file, the base path, a port in use
         cli_exit.report(err, "error")
         return cli_exit.ITEMS_FAILED
-    server.start()
-    print(f"serving model '{f.model_name}' from {f.model_base} on {server.target}", flush=True)
+    print(
+        f"serving model '{server.manager.model_name}' from {server.manager.model_dir} on "
+        f"{server.target}",
+        flush=True,
+    )
     try:
         server.wait()
     except KeyboardInterrupt:

@@ -3,10 +3,17 @@
 The sidecar's keys are listed in README "Conventions"; its ``affine`` (4x4, row-major) maps a
 cache voxel (z, y, x, 1) to world (x, y, z, 1) mm. Both files are written atomically and the JSON
 last, so a sidecar whose volume is readable means a complete entry. Paths may be local or
-`tf.io.gfile` URLs. A missing or corrupt file raises DataError naming it.
+`tf.io.gfile` URLs. A missing or corrupt file raises DataError naming it: a truncated ``.npy``,
+a sidecar that is not JSON or lacks a key or holds a value of the wrong type, and a sidecar whose
+``shape`` disagrees with its array (:func:`read_entry`). :func:`check_entry` says what is wrong
+with an entry without raising, for the batch jobs that redo or skip such entries.
 """
 
 from __future__ import annotations
+
+import io
+import json
+import math
 
 import numpy as np
 
@@ -38,22 +45,78 @@ def meta_path(cache_dir: str, uid: str) -> str:
     return uio.join(str(cache_dir), f"{uid}.json")
 
 
+def _show(value, limit: int = 80) -> str:
+    """`value`'s repr, cut to `limit` characters (a corrupt sidecar can hold huge values)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def _finite(value) -> bool:
+    """A JSON number that is finite as a float (a 400-digit integer is not)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _finite_numbers(path: str, meta: dict, key: str, count: int) -> None:
+    values = meta[key]
+    if not (
+        isinstance(values, (list, tuple))
+        and len(values) == count
+        and all(_finite(v) for v in values)
+    ):
+        raise DataError(path, f"{_show(values)} must be {count} finite numbers", field=key)
+
+
 def _check_meta(path: str, meta) -> dict:
+    """Checks the sidecar's keys and the types of the values readers use; returns it."""
     if not isinstance(meta, dict):
-        raise DataError(path, "sidecar is not a JSON object")
+        raise DataError(path, f"sidecar is not a JSON object but {type(meta).__name__}")
     missing = [k for k in META_KEYS if k not in meta]
     if missing:
         raise DataError(path, f"sidecar lacks key(s) {missing}")
-    affine = np.asarray(meta["affine"], dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise DataError(path, "affine must be a finite 4x4 matrix", field="affine")
+    try:
+        affine = np.asarray(meta["affine"], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        affine = None
+    if affine is None or affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise DataError(
+            path, f"affine {_show(meta['affine'])} must be a finite 4x4 matrix", field="affine"
+        )
     shape = meta["shape"]
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) for n in shape)):
-        raise DataError(path, f"shape {shape!r} must be 3 integers", field="shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 3
+        and all(isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**31 for n in shape)
+    ):
+        raise DataError(path, f"shape {_show(shape)} must be 3 positive integers", field="shape")
     for key in ("nodules", "excluded"):
+        if not isinstance(meta[key], (list, tuple)):
+            raise DataError(path, f"{_show(meta[key])} must be a list", field=key)
         for box in meta[key]:
-            if not (isinstance(box, dict) and all(c in box for c in "zyxd")):
-                raise DataError(path, f"entry {box!r} must have z, y, x, d", field=key)
+            if not (isinstance(box, dict) and all(c in box and _finite(box[c]) for c in "zyxd")):
+                raise DataError(
+                    path, f"entry {_show(box)} must have finite numbers z, y, x, d", field=key
+                )
+    subset = meta["subset"]
+    if subset is not None and not (
+        isinstance(subset, (int, np.integer)) and not isinstance(subset, bool)
+    ):
+        raise DataError(path, f"{_show(subset)} must be an integer or null", field="subset")
+    if not _finite(meta["fill_hu"]):
+        raise DataError(path, f"{_show(meta['fill_hu'])} must be a finite number", field="fill_hu")
+    _finite_numbers(path, meta, "hu_window", 2)
+    if not isinstance(meta["seriesuid"], str):
+        raise DataError(path, f"{_show(meta['seriesuid'])} must be a string", field="seriesuid")
     return meta
 
 
@@ -75,8 +138,14 @@ def write_entry(cache_dir: str, uid: str, volume: np.ndarray, meta: dict) -> Non
         raise ValueError(f"meta shape {meta['shape']} != volume shape {list(volume.shape)}")
     _check_meta(meta_path(cache_dir, uid), meta)
     uio.makedirs(str(cache_dir))
-    uio.atomic_save_npy(volume_path(cache_dir, uid), volume)
-    uio.atomic_write_json(meta_path(cache_dir, uid), meta)
+    # Both files are written to temporaries first and moved into place only when both are
+    # whole: a disk that fills up part-way (uio.WriteError) leaves the previous entry as it was.
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(volume), allow_pickle=False)
+    sidecar = (json.dumps(meta, indent=1) + "\n").encode("utf-8")
+    uio.atomic_write_many(
+        [(volume_path(cache_dir, uid), buf.getvalue()), (meta_path(cache_dir, uid), sidecar)]
+    )
 
 
 def read_meta(cache_dir: str, uid: str) -> dict:
@@ -90,11 +159,16 @@ def read_meta(cache_dir: str, uid: str) -> dict:
         raise DataError(path, "cache sidecar is missing")
     try:
         meta = uio.read_json(path)
-    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
-        raise DataError(path, f"cache sidecar is not valid JSON ({err})") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, too deeply nested
+        raise DataError(path, f"cache sidecar is not valid JSON ({_cut(err)})") from None
     except OSError as err:
-        raise DataError(path, f"cannot read cache sidecar ({err})") from None
+        raise DataError(path, f"cannot read cache sidecar ({_cut(err)})") from None
     return _check_meta(path, meta)
+
+
+def _cut(err: BaseException, limit: int = 200) -> str:
+    text = str(err)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_volume(cache_dir: str, uid: str, mmap: bool = False) -> np.ndarray:
@@ -114,8 +188,8 @@ def read_volume(cache_dir: str, uid: str, mmap: bool = False) -> np.ndarray:
         raise DataError(path, "cache volume is missing")
     try:
         volume = uio.load_npy(path, mmap=mmap)
-    except (ValueError, OSError, EOFError) as err:
-        raise DataError(path, f"cache volume is corrupt ({err})") from None
+    except (ValueError, TypeError, OverflowError, OSError, EOFError, SyntaxError) as err:
+        raise DataError(path, f"cache volume is truncated or corrupt ({_cut(err)})") from None
     if volume.dtype != np.int16 or volume.ndim != 3:
         raise DataError(
             path, f"expected an int16 [D, H, W] array, got {volume.dtype} {volume.shape}"
@@ -123,33 +197,69 @@ def read_volume(cache_dir: str, uid: str, mmap: bool = False) -> np.ndarray:
     return volume
 
 
+def read_entry(cache_dir: str, uid: str, mmap: bool = False) -> tuple[dict, np.ndarray]:
+    """Reads one entry, sidecar and volume, and checks that they agree.
+
+    Returns:
+      (sidecar, int16 [D, H, W] volume).
+
+    Raises:
+      DataError: either file missing or corrupt (naming it), or the sidecar's ``shape`` is not
+        the array's (naming the sidecar: the two are from different runs).
+    """
+    meta = read_meta(cache_dir, uid)
+    volume = read_volume(cache_dir, uid, mmap=mmap)
+    if list(volume.shape) != list(meta["shape"]):
+        raise DataError(
+            meta_path(cache_dir, uid),
+            f"sidecar shape {meta['shape']} disagrees with its array {volume_path(cache_dir, uid)}"
+            f" of shape {list(volume.shape)}",
+            field="shape",
+        )
+    return meta, volume
+
+
 def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from a `.npy` header without reading the data; checks the file size."""
     size = uio.getsize(path)
     with uio.open_file(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            raise ValueError(f"unsupported .npy format version {version}")
-        offset = f.tell()
-    if dtype.hasobject:
-        raise ValueError("object array")
-    if size - offset != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"{size - offset} data bytes for shape {shape} {dtype}")
+        shape, _, dtype, offset = uio.npy_header(f)
+    if size - offset != math.prod(int(n) for n in shape) * dtype.itemsize:
+        raise ValueError(f"{size - offset} data bytes for shape {list(shape)} {dtype}")
     return shape, dtype
+
+
+def check_entry(cache_dir: str, uid: str) -> str | None:
+    """What is wrong with an entry: None when complete, ``"missing"`` when neither file exists,
+    else a reason naming the file (truncated volume, corrupt sidecar, disagreeing shapes).
+
+    Reads the sidecar and the `.npy` header only (the data size is checked against the header).
+    """
+    npy = volume_path(cache_dir, uid)
+    try:
+        if not uio.exists(meta_path(cache_dir, uid)) and not uio.exists(npy):
+            return "missing"
+        meta = read_meta(cache_dir, uid)
+        if not uio.exists(npy):
+            return f"{npy}: cache volume is missing"
+        shape, dtype = _npy_header(npy)
+    except DataError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - numpy's and the filesystems' own error types
+        return f"{npy}: cache volume is truncated or corrupt ({_cut(err)})"
+    if dtype != np.int16 or len(shape) != 3:
+        return f"{npy}: expected an int16 [D, H, W] array, got {dtype} {list(shape)}"
+    if list(shape) != list(meta["shape"]):
+        return (
+            f"{meta_path(cache_dir, uid)}: sidecar shape {meta['shape']} disagrees with its "
+            f"array {npy} of shape {list(shape)}"
+        )
+    return None
 
 
 def has_entry(cache_dir: str, uid: str) -> bool:
     """True when both files exist and are readable: sidecar valid, `.npy` header and size match."""
-    try:
-        meta = read_meta(cache_dir, uid)
-        shape, dtype = _npy_header(volume_path(cache_dir, uid))
-    except (DataError, ValueError, OSError, EOFError):
-        return False
-    return dtype == np.int16 and list(shape) == list(meta["shape"])
+    return check_entry(cache_dir, uid) is None
 
 
 def list_uids(cache_dir: str) -> list[str]:

@@ -156,9 +156,11 @@ def _as_int(path: str, line: int, field: str, text: str) -> int:
     try:
         value = float(text)
     except ValueError:
-        raise DataError(path, f"not a number: {text!r}", line=line, field=field) from None
+        raise DataError(
+            path, f"not a number: '{luna16_csv.show(text)}'", line=line, field=field
+        ) from None
     if not math.isfinite(value) or value != int(value):
-        raise DataError(path, f"not an integer: {text!r}", line=line, field=field)
+        raise DataError(path, f"not an integer: '{luna16_csv.show(text)}'", line=line, field=field)
     return int(value)
 
 

@@ -181,7 +181,9 @@ class Step:
       label: its name in logs and timings (``rpn``, ``joint``, ``abs``, ``joint_abs``).
       phase: the ``train.phase`` it runs.
       checkpoint_dir: its folder under ``checkpoints/`` ("" for the ABS pass).
-      before_abs: a phase-2 run that an ABS pass of the same plan follows.
+      before_abs: a run that an ABS pass of the same plan follows. Once the pass has written
+        its file the run is over, and must not run again: with the file present the trainer
+        would take it for a round after ABS (``<phase>_abs``).
     """
 
     label: str
@@ -208,7 +210,7 @@ def plan_steps(stages: Sequence[str]) -> list[Step]:
         elif seen_abs:
             steps.append(Step(f"{name}_abs", name, f"{name}_abs"))
         else:
-            steps.append(Step(name, name, name, before_abs=has_abs and name in PHASE2))
+            steps.append(Step(name, name, name, before_abs=has_abs))
     return steps
 
 
@@ -443,7 +445,8 @@ class CrossValidation:
                 self.log(f"fold {fold} [{step.label}] hard negatives already mined: {abs_file}")
                 continue
             if step.before_abs and uio.exists(abs_file):
-                # Its ABS pass ran, so it finished; rerun it would train the round after ABS.
+                # The ABS pass ran after it, so it finished; rerun, the trainer would see the
+                # ABS file and train a round after ABS (checkpoints/<phase>_abs) instead.
                 self.log(f"fold {fold} [{step.label}] finished before the ABS pass; skipped")
                 continue
             self.log(f"fold {fold} [{step.label}] phase {step.phase}")

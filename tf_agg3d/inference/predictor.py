@@ -188,12 +188,12 @@ class Predictor:
         """Findings of one cache entry (``CACHE/<uid>.npy`` + sidecar), world mm.
 
         Raises:
-          DataError: a missing or corrupt entry (naming the file).
+          DataError: a missing or corrupt entry, or a sidecar whose shape is not its array's
+            (naming the file).
         """
         from tf_agg3d.data import cache
 
-        meta = cache.read_meta(cache_dir, uid)
-        volume = cache.read_volume(cache_dir, uid)
+        meta, volume = cache.read_entry(cache_dir, uid)  # also: the sidecar fits the array
         return self.predict_volume(volume, meta["affine"])
 
     def predict_scan(

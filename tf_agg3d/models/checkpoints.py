@@ -25,12 +25,21 @@ still resolves.
 MODEL_DIR may be an ``s3://`` / ``gs://`` URL: TensorFlow's checkpoint writer and
 ``CheckpointManager`` go through ``tf.io.gfile``, whose object-store renames are copy + delete
 (:mod:`tf_agg3d.utils.io`), and folders are removed with ``tf.io.gfile.rmtree`` there.
+
+Corruption at rest: a checkpoint whose files are truncated or damaged (a copy cut short, a bad
+disk) fails to restore with TensorFlow's DataLossError / "Read less bytes than requested".
+Training then resumes from the newest good checkpoint of its phase and says so in one line
+naming both (:meth:`PhaseCheckpoints.restore_latest`); prediction and export refuse the
+checkpoint with :class:`CorruptCheckpointError` naming it (a CheckpointNotFoundError: exit
+status 2). A save that fails (a full disk) removes its partial files, leaves the previous
+checkpoint and the pointers as they were and raises :class:`CheckpointWriteError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 
 import tensorflow as tf
@@ -45,6 +54,57 @@ MODEL_KEY = "model"
 
 class CheckpointNotFoundError(FileNotFoundError):
     """A model directory (or a named checkpoint) without a restorable checkpoint."""
+
+
+class CorruptCheckpointError(CheckpointNotFoundError):
+    """A checkpoint whose files cannot be read back (truncated or damaged); names it."""
+
+
+class CheckpointWriteError(tf.errors.OpError):
+    """Saving a checkpoint failed (e.g. a full disk); the previous checkpoint is intact.
+
+    A TensorFlow storage error (OpError), as the failures of TensorFlow's own writer are, so the
+    training command reports it in one line with exit status 1 ("rerun to resume").
+    """
+
+    def __init__(self, message: str, error_code: int = tf.errors.UNKNOWN):
+        super().__init__(None, None, message, error_code)
+
+
+# What reading a damaged checkpoint raises: DataLossError (checksums), OpError (a bad index,
+# a missing shard) and, for a data file cut short, IndexError("Read less bytes than requested").
+_UNREADABLE = (tf.errors.OpError, IndexError)
+_CKPT_INDEX_RE = re.compile(r"^ckpt-(\d+)\.index$")
+
+
+def describe_error(err: BaseException, limit: int = 300) -> str:
+    """One line of `err`: TensorFlow's message without its function-node prefix."""
+    text = getattr(err, "message", None) or str(err) or type(err).__name__
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(text)).strip().replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def phase_checkpoints(directory: str) -> list[str]:
+    """Prefixes of the ``ckpt-<step>`` checkpoints in one phase folder, newest (highest step)
+    first: those the manager's state lists and those whose ``.index`` is on disk."""
+    found: set[str] = set()
+    with contextlib.suppress(tf.errors.OpError, ValueError):
+        state = tf.train.get_checkpoint_state(directory)
+        if state is not None:
+            found.update(
+                uio.join(directory, uio.basename(p)) for p in state.all_model_checkpoint_paths
+            )
+    with contextlib.suppress(tf.errors.OpError, OSError):
+        if uio.isdir(directory):
+            for name in uio.listdir(directory):
+                match = _CKPT_INDEX_RE.match(name)
+                if match:
+                    found.add(uio.join(directory, name[: -len(".index")]))
+    numbered = []
+    for prefix in found:
+        with contextlib.suppress(ValueError, IndexError):
+            numbered.append((checkpoint_step(prefix), prefix))
+    return [p for _, p in sorted(numbered, reverse=True)]
 
 
 def phase_dir(model_dir: str, phase_name: str) -> str:
@@ -123,6 +183,17 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _remove_partial(prefix: str) -> None:
+    """Removes what a failed save of `prefix` left: TensorFlow's ``<prefix>_temp`` folder and a
+    data shard without its index."""
+    _remove_tree(prefix + "_temp")
+    folder = uio.dirname(prefix)
+    with contextlib.suppress(tf.errors.OpError, OSError):
+        for name in uio.listdir(folder):
+            if name.startswith(uio.basename(prefix) + ".data-"):
+                uio.remove(uio.join(folder, name))
+
+
 def _write_pointer(model_dir: str, prefix: str) -> None:
     root = uio.join(model_dir, CHECKPOINTS)
     rel = prefix[len(root) :].lstrip("/") if prefix.startswith(root) else prefix
@@ -180,20 +251,59 @@ class PhaseCheckpoints:
         """Newest checkpoint of this phase (in the chief's folder, which every worker reads)."""
         return tf.train.latest_checkpoint(self.directory)
 
-    def restore_latest(self) -> str | None:
-        """Restores model, optimizer and step from this phase's newest checkpoint, if any."""
-        prefix = self.latest()
-        if prefix:
-            self.checkpoint.restore(prefix).assert_existing_objects_matched()
-        return prefix
+    def restore_latest(self, log=None) -> str | None:
+        """Restores model, optimizer and step from this phase's newest readable checkpoint.
+
+        A checkpoint that cannot be read (truncated or damaged files) is passed over for the
+        one before it, and `log` gets one line naming both.
+
+        Args:
+          log: a line printer for that notice (None: silent).
+
+        Returns:
+          The prefix restored, or None when the phase has no checkpoint.
+
+        Raises:
+          CorruptCheckpointError: the phase has checkpoints and none of them can be read.
+          AssertionError: a readable checkpoint that does not match the model.
+        """
+        candidates = phase_checkpoints(self.directory)
+        bad: list[tuple[str, str]] = []
+        for prefix in candidates:
+            try:
+                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            except _UNREADABLE as err:
+                bad.append((prefix, describe_error(err)))
+                continue
+            if bad and log is not None:
+                newest, why = bad[0]
+                log(
+                    f"checkpoint {newest} is unreadable ({why}); resuming from the previous "
+                    f"good checkpoint {prefix}"
+                    + (f" ({len(bad) - 1} more unreadable one(s) skipped)" if len(bad) > 1 else "")
+                )
+            return prefix
+        if bad:
+            names = ", ".join(p for p, _ in bad)
+            raise CorruptCheckpointError(
+                f"{self.directory}: no readable checkpoint to resume from ({names} cannot be "
+                f"read: {bad[0][1]}); remove them to start the phase over"
+            )
+        return None
 
     def init_model_from(self, prefix: str) -> None:
         """Loads only the detector's weights from another checkpoint (phase 2 from phase 1).
 
         Raises:
           ValueError: a checkpoint whose detector does not match this one.
+          CorruptCheckpointError: the checkpoint's files cannot be read.
         """
-        status = tf.train.Checkpoint(**{MODEL_KEY: self._model}).restore(prefix)
+        try:
+            status = tf.train.Checkpoint(**{MODEL_KEY: self._model}).restore(prefix)
+        except _UNREADABLE as err:
+            raise CorruptCheckpointError(
+                f"{prefix}: checkpoint is unreadable, truncated or damaged ({describe_error(err)})"
+            ) from None
         status.expect_partial()
         try:
             status.assert_existing_objects_matched()
@@ -203,12 +313,36 @@ class PhaseCheckpoints:
             ) from None
 
     def save(self) -> str:
-        """Saves at the current step; returns the prefix (the chief's)."""
+        """Saves at the current step; returns the prefix (the chief's).
+
+        Raises:
+          CheckpointWriteError: the save failed (a full disk, a storage error); its partial
+            files are removed and the previous checkpoint stays the latest.
+        """
         step = int(self.step.numpy())
-        path = self.manager.save(checkpoint_number=step)
-        if self.chief:
-            _write_pointer(self.model_dir, path)
-        else:
+        previous = self.latest()
+        target = uio.join(self._write_dir, f"ckpt-{step}")
+        try:
+            path = self.manager.save(checkpoint_number=step)
+            if self.chief:
+                _write_pointer(self.model_dir, path)
+        except (tf.errors.OpError, OSError) as err:
+            if self.chief and not uio.exists(target + ".index"):
+                _remove_partial(target)
+            full = uio.is_storage_full(err)
+            raise CheckpointWriteError(
+                f"{target}: cannot save the checkpoint ("
+                + ("the storage is full: " if full else "")
+                + f"{describe_error(err)}); "
+                + (
+                    f"the previous checkpoint {previous} is intact"
+                    if previous
+                    else "no earlier checkpoint of this phase"
+                )
+                + "; free space (or fix the storage) and rerun to resume",
+                tf.errors.RESOURCE_EXHAUSTED if full else tf.errors.UNKNOWN,
+            ) from err
+        if not self.chief:
             _remove_tree(self._write_dir)
             path = uio.join(self.directory, uio.basename(path))
         return path

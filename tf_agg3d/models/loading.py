@@ -16,7 +16,14 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tf_agg3d.config import ExperimentConfig, load_config
-from tf_agg3d.models.checkpoints import CONFIG_NAME, MODEL_KEY, find_checkpoint
+from tf_agg3d.models.checkpoints import (
+    CONFIG_NAME,
+    MODEL_KEY,
+    CorruptCheckpointError,
+    describe_error,
+    find_checkpoint,
+    phase_checkpoints,
+)
 from tf_agg3d.utils import io as uio
 
 # Side of the dummy cube that creates the variables: the smallest input with a whole cell on
@@ -68,6 +75,8 @@ def load_detector(
 
     Raises:
       CheckpointNotFoundError: no checkpoint in `model_dir` (or the named one is absent).
+      CorruptCheckpointError: the checkpoint's files are truncated or damaged (a
+        CheckpointNotFoundError naming it and the earlier checkpoints that could be named).
       CheckpointMismatchError: the checkpoint lacks weights of the configured detector.
       FileNotFoundError: no config.yaml and no `config` given.
     """
@@ -79,7 +88,10 @@ def load_detector(
     prefix = find_checkpoint(model_dir, checkpoint)
     detector = build_detector(config.model)
     build_variables(detector)
-    status = tf.train.Checkpoint(**{MODEL_KEY: detector}).restore(prefix)
+    try:
+        status = tf.train.Checkpoint(**{MODEL_KEY: detector}).restore(prefix)
+    except (tf.errors.OpError, IndexError) as err:
+        raise _corrupt(prefix, err) from None
     status.expect_partial()
     # Every detector variable must come from the checkpoint: a model-section mismatch would
     # otherwise silently predict with random weights. (Variable names in the checkpoint are not
@@ -96,3 +108,17 @@ def load_detector(
             f"with model.fpr.enabled true: then pass --set model.fpr.enabled=false). {err}"
         ) from None
     return detector, config
+
+
+def _corrupt(prefix: str, err: BaseException) -> CorruptCheckpointError:
+    """The error for an unreadable checkpoint: names it and the others of its folder."""
+    others = [p for p in phase_checkpoints(uio.dirname(prefix)) if p != prefix]
+    hint = (
+        f"; pass --checkpoint to use an earlier one ({', '.join(uio.basename(p) for p in others)})"
+        if others
+        else ""
+    )
+    return CorruptCheckpointError(
+        f"{prefix}: checkpoint is unreadable, truncated or damaged ({describe_error(err)}); "
+        f"refusing to use it{hint}"
+    )

@@ -152,10 +152,17 @@ class Agg3DClient:
       tls: use TLS (``ca_cert`` defaults to the system roots).
       ca_cert, client_cert, client_key: PEM files; the client pair enables mutual TLS.
       server_name: TLS name to verify instead of the target's host (tests, tunnels).
-      deadline_s: per-call deadline for Predict (a whole scan takes tens of seconds on CPU).
-      retries: extra attempts for UNAVAILABLE (server starting, restarting, overloaded).
+      deadline_s: per-call deadline for Predict (a whole scan takes tens of seconds on CPU),
+        retries included: a call is retried only while its deadline lasts.
+      retries: at most this many extra attempts (None: as many as the deadline allows) for
+        UNAVAILABLE (server down, starting or restarting), a connection not made within
+        `connect_timeout_s`, and RESOURCE_EXHAUSTED from an overloaded server (one that says
+        "retry after"; a message over the size limit is not retried).
       backoff_s, max_backoff_s: first and largest wait between attempts (doubled each time,
-        with jitter so that many clients do not retry in lockstep).
+        with jitter so that many clients do not retry in lockstep); an overloaded server's
+        retry hint is waited at least. Also gRPC's reconnect backoff.
+      connect_timeout_s: longest wait for a connection in one attempt (a host that does not
+        answer, a port open but not serving); then the call is retried.
       max_message_bytes: gRPC send/receive limit; a whole scan exceeds gRPC's 4 MiB default.
       preprocess_config: preprocessing to use instead of the model's own (from its metadata).
       max_concurrency: worker threads of :meth:`submit` / :meth:`detect_many`.
@@ -175,9 +182,10 @@ class Agg3DClient:
         client_key: str | None = None,
         server_name: str | None = None,
         deadline_s: float = 600.0,
-        retries: int = 4,
+        retries: int | None = None,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
+        connect_timeout_s: float = 10.0,
         max_message_bytes: int = contract.MAX_MESSAGE_BYTES,
         preprocess_config: PreprocessConfig | None = None,
         max_concurrency: int = 4,
@@ -194,9 +202,10 @@ class Agg3DClient:
         self.version_label = version_label or None
         self.signature = signature
         self.deadline_s = float(deadline_s)
-        self.retries = max(0, int(retries))
-        self.backoff_s = float(backoff_s)
-        self.max_backoff_s = float(max_backoff_s)
+        self.retries = None if retries is None else max(0, int(retries))
+        self.backoff_s = max(0.001, float(backoff_s))
+        self.max_backoff_s = max(self.backoff_s, float(max_backoff_s))
+        self.connect_timeout_s = max(0.1, float(connect_timeout_s))
         self.max_concurrency = max(1, int(max_concurrency))
         self._preprocess = preprocess_config
         self._info: dict | None = None
@@ -205,6 +214,11 @@ class Agg3DClient:
         options = [
             ("grpc.max_send_message_length", int(max_message_bytes)),
             ("grpc.max_receive_message_length", int(max_message_bytes)),
+            # Reconnect after a server restart within max_backoff_s (gRPC's default grows to
+            # 120 s), and give up a connection attempt that hangs after connect_timeout_s.
+            ("grpc.initial_reconnect_backoff_ms", int(self.backoff_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self.max_backoff_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout_s * 1000)),
         ]
         if tls or ca_cert or client_cert:
             credentials = grpc.ssl_channel_credentials(
@@ -219,6 +233,9 @@ class Agg3DClient:
             self._channel = grpc.insecure_channel(target, options=options)
         self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        # True while the server has answered (the channel is up); False after UNAVAILABLE.
+        self._connected = False
+        self._watched_until = 0.0  # when the last connectivity subscription ended
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -227,6 +244,9 @@ class Agg3DClient:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        # gRPC's connectivity-polling thread notices an ended subscription within 0.2 s; a
+        # channel closed under it makes that thread raise (a stray traceback on stderr).
+        time.sleep(max(0.0, self._watched_until + 0.3 - time.monotonic()))
         self._channel.close()
 
     def __enter__(self) -> Agg3DClient:
@@ -243,34 +263,98 @@ class Agg3DClient:
             "version_label": self.version_label,
         }
 
+    def _await_connection(self, timeout_s: float) -> tuple[bool, str]:
+        """Connects unless connected: (False, the channel's state) when it hangs `timeout_s`.
+
+        True once the channel is READY, or has failed (TRANSIENT_FAILURE: the call then fails
+        at once with UNAVAILABLE and gRPC's reason, and is retried).
+        """
+        if self._connected:
+            return True, ""
+        settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+        changed = threading.Condition()
+        state: list[grpc.ChannelConnectivity] = []
+
+        def on_state(value: grpc.ChannelConnectivity) -> None:
+            with changed:
+                state[:] = [value]
+                changed.notify_all()
+
+        # Subscribed only while connecting, so no polling thread outlives the channel.
+        self._channel.subscribe(on_state, try_to_connect=True)
+        end = time.monotonic() + timeout_s
+        try:
+            with changed:
+                while not (state and state[0] in settled):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False, state[0].name if state else "IDLE"
+                    changed.wait(min(left, 0.5))
+            return True, ""
+        finally:
+            self._channel.unsubscribe(on_state)
+            self._watched_until = time.monotonic()
+
+    def _backoff(self, retry: int, hint_s: float) -> float:
+        wait = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
+        return max(wait * random.uniform(0.5, 1.0), hint_s)
+
     def _call(self, method: Callable, request, *, deadline_s: float, signature: str | None):
-        """Calls `method` with retries on UNAVAILABLE; raises ServingError on failure."""
+        """Calls `method`, retrying while `deadline_s` lasts; raises ServingError on failure.
+
+        Retried with backoff: UNAVAILABLE (server down or restarting: Predict has no side
+        effects, so a call cut off by a restart is safe to repeat), a connection not made
+        within `connect_timeout_s` (DEADLINE on connect), and RESOURCE_EXHAUSTED from an
+        overloaded server (after its retry hint). Everything else fails at once.
+        """
+        start = time.monotonic()
+        end = start + deadline_s
         attempt = 0
         while True:
             attempt += 1
-            try:
-                return method(request, timeout=deadline_s)
-            except grpc.RpcError as err:
-                code, details = err.code(), err.details() or ""
-                if code == grpc.StatusCode.UNAVAILABLE and attempt <= self.retries:
-                    wait = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                    time.sleep(wait * random.uniform(0.5, 1.0))
+            hint = 0.0
+            wait_s = max(0.0, min(end - time.monotonic(), self.connect_timeout_s))
+            connected, state = self._await_connection(wait_s)
+            if not connected:
+                # DEADLINE on connect: nothing answered (a host down, a port open but not
+                # serving yet); as retryable as UNAVAILABLE.
+                code = grpc.StatusCode.UNAVAILABLE
+                details = f"no connection within {wait_s:.1f} s (channel {state})"
+                retryable = True
+            else:
+                try:
+                    response = method(request, timeout=max(0.001, end - time.monotonic()))
+                    self._connected = True
+                    return response
+                except grpc.RpcError as err:
+                    code, details = err.code(), err.details() or ""
+                    hint = _retry_hint(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 0.0
+                    # A TLS handshake that fails will fail again: say so now, not at the deadline.
+                    retryable = (
+                        code == grpc.StatusCode.UNAVAILABLE and "handshake" not in details.lower()
+                    ) or hint > 0
+                    self._connected = code != grpc.StatusCode.UNAVAILABLE
+            remaining = end - time.monotonic()
+            if retryable and (self.retries is None or attempt <= self.retries) and remaining > 0.01:
+                time.sleep(min(remaining, self._backoff(attempt, hint)))
+                if end - time.monotonic() > 0.01:
                     continue
-                raise ServingError(
-                    explain_status(
-                        code,
-                        details,
-                        target=self.target,
-                        model=self.model_name,
-                        version=self.version,
-                        version_label=self.version_label,
-                        signature=signature,
-                        deadline_s=deadline_s,
-                        attempts=attempt,
-                    ),
-                    code=code,
-                    details=details,
-                ) from None
+            raise ServingError(
+                explain_status(
+                    code,
+                    details,
+                    target=self.target,
+                    model=self.model_name,
+                    version=self.version,
+                    version_label=self.version_label,
+                    signature=signature,
+                    deadline_s=deadline_s,
+                    attempts=attempt,
+                    elapsed_s=time.monotonic() - start,
+                ),
+                code=code,
+                details=details,
+            ) from None
 
     # -- raw calls -----------------------------------------------------------------------------
 
@@ -533,7 +617,9 @@ class Agg3DClient:
     ) -> list[ScanResult]:
         """Findings of many scans, at most `max_concurrency` in flight (reading included).
 
-        A scan that fails does not stop the others: its :class:`ScanResult` holds the error.
+        A scan that fails does not stop the others: its :class:`ScanResult` holds the error,
+        whose message names the scan. Each call is retried as :meth:`_call` says, so a server
+        restart shorter than the deadline costs no scan.
 
         Args:
           paths: scan files or DICOM folders.
@@ -553,6 +639,9 @@ class Agg3DClient:
                 uid, findings = self._detect_path(path)
                 result = ScanResult(path, uid, findings, time.perf_counter() - start)
             except Exception as err:  # noqa: BLE001 - reported per scan, not raised
+                if isinstance(err, ServingError) and path not in str(err):
+                    # The call's error says what failed; name the scan it failed for.
+                    err = ServingError(f"scan {path}: {err}", code=err.code, details=err.details)
                 result = ScanResult(path, scan_uid(path), [], time.perf_counter() - start, err)
             if on_result is not None:
                 on_result(result)
@@ -562,6 +651,25 @@ class Agg3DClient:
             max_workers=workers, thread_name_prefix="agg3d-scan"
         ) as pool:
             return list(pool.map(one, paths))
+
+
+def _retry_hint(err: grpc.RpcError) -> float:
+    """An overloaded server's retry hint in seconds; 0 for any other RESOURCE_EXHAUSTED.
+
+    The development server sends ``retry-after-ms`` and says "retry after"; gRPC's own limit
+    on concurrent calls says "Concurrent RPC limit exceeded". A message over the size limit has
+    neither, and is not worth retrying.
+    """
+    try:
+        for key, value in err.trailing_metadata() or ():
+            if key == contract.RETRY_AFTER_METADATA:
+                return max(0.001, float(value) / 1000.0)
+    except (TypeError, ValueError):
+        pass
+    details = err.details() or ""
+    if "retry after" in details or "Concurrent RPC limit exceeded" in details:
+        return 0.001
+    return 0.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,6 +33,10 @@ MAX_VOLUME_SHAPE = (512, 512, 512)
 # raises its own limit to INT32_MAX, so clients and the development server do the same.
 MAX_MESSAGE_BYTES = 2**31 - 1
 
+# An overloaded server answers RESOURCE_EXHAUSTED with this trailing metadata: how long to wait
+# before retrying, in milliseconds (the message says it too: "retry after 0.5 s").
+RETRY_AFTER_METADATA = "retry-after-ms"
+
 # Model versions are directories named by a positive decimal integer (TF-Serving's rule).
 VERSION_DIR = re.compile(r"^[0-9]+$")
 

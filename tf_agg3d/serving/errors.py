@@ -38,10 +38,12 @@ class RpcError(Exception):
     client sees it as TF-Serving's answer (a :class:`ServingError` there).
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        # Sent as trailing metadata (contract.RETRY_AFTER_METADATA) for an overloaded server.
+        self.retry_after_s = retry_after_s
 
 
 def _what(model: str, version: int | None, label: str | None) -> str:
@@ -63,6 +65,7 @@ def explain_status(
     signature: str | None = None,
     deadline_s: float | None = None,
     attempts: int = 1,
+    elapsed_s: float | None = None,
 ) -> str:
     """One actionable sentence for a failed call.
 
@@ -73,12 +76,16 @@ def explain_status(
       model, version, version_label, signature: what the request named.
       deadline_s: the deadline the call had, if any.
       attempts: how many times the call was tried.
+      elapsed_s: how long the call and its retries took.
 
     Returns:
       The message, ending with the server's own words in brackets.
     """
     what = _what(model, version, version_label)
     said = f" [server: {details}]" if details else ""
+    tried = f"after {attempts} attempt(s)"
+    if elapsed_s is not None:
+        tried += f" in {elapsed_s:.1f} s"
     if code == grpc.StatusCode.NOT_FOUND:
         return (
             f"{what} is not served at {target}: check --model/--version against the server's "
@@ -96,6 +103,14 @@ def explain_status(
             f"expected input 'volume' int16 [D, H, W], preprocessed HU at 1 mm, within the "
             f"model's maximum size{said}"
         )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        "retry after" in details or "Concurrent RPC limit" in details
+    ):
+        return (
+            f"the server at {target} stayed overloaded for {what} {tried}: send fewer scans "
+            f"at once (--max-concurrency), raise --deadline, or give the server more capacity "
+            f"(dev server: --max-concurrent-requests, --max-queued-requests){said}"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return (
             f"the request or reply for {what} at {target} exceeds a gRPC message size limit or "
@@ -111,8 +126,9 @@ def explain_status(
         )
     if code == grpc.StatusCode.UNAVAILABLE:
         return (
-            f"no model server reachable at {target} after {attempts} attempt(s): check that it "
-            f"runs, the host/port (gRPC is 8500, REST 8501), and TLS settings{said}"
+            f"no model server reachable at {target} {tried}: check that it runs, the "
+            f"host/port (gRPC is 8500, REST 8501), and TLS settings; calls are retried until "
+            f"--deadline{said}"
         )
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return (

@@ -196,7 +196,8 @@ class TrainingLoop:
             self.resumed_from = prefix
             self.start_step = 0
         else:
-            self.resumed_from = self.checkpoints.restore_latest()
+            # An unreadable newest checkpoint is passed over for the one before (one log line).
+            self.resumed_from = self.checkpoints.restore_latest(log=self.log)
             if self.resumed_from is None:
                 self.init_from = self._initial_weights()
             self.start_step = int(self.step.numpy())

@@ -21,14 +21,25 @@ tensorflow-io is imported for them when it is installed, and not required.
 
 SimpleITK reads local files only: :func:`local_copy` copies an object (an ``.mhd`` together with
 the ``.raw``/``.zraw`` it names, or a whole DICOM folder) to a temporary folder for it.
+
+Folders on object stores are key prefixes, written the way users write them: a bucket root
+(``s3://bucket``, ``gs://bucket``), with or without a trailing slash, with or without the
+zero-byte "directory marker" objects some tools create. Every helper here accepts all of these
+forms (:func:`fs_path` gives a bucket root the trailing slash `tf.io.gfile` needs), so callers
+never special-case them.
+
+A local write that fails (a full disk: ``ENOSPC``) raises :class:`WriteError` naming the file;
+the temporary file is removed and the previous version of the target is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errno_lib
 import functools
 import io
 import json
+import math
 import os
 import posixpath
 import shutil
@@ -46,6 +57,48 @@ _TMP_PREFIX = ".tmp-"
 
 class MissingExtraError(ImportError):
     """A feature needs an optional package that is not installed; the message says what to do."""
+
+
+# errno values that mean "the storage is full": the disk (ENOSPC) or the user's quota (EDQUOT).
+_FULL_ERRNOS = frozenset(
+    e for e in (errno_lib.ENOSPC, getattr(errno_lib, "EDQUOT", None)) if e is not None
+)
+
+
+class WriteError(OSError):
+    """A write that failed part-way (e.g. a full disk); the target keeps its previous content.
+
+    Attributes:
+      path: the file that could not be written.
+      errno, strerror: those of the underlying OSError.
+    """
+
+    def __init__(self, path: str, cause: BaseException):
+        code = getattr(cause, "errno", None)
+        reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+        super().__init__(code, reason)
+        self.path = str(path)
+        self.filename = self.path
+
+    def __str__(self) -> str:
+        return f"{self.path}: cannot write ({self.strerror}); its previous version is unchanged"
+
+
+def is_storage_full(err: BaseException | None) -> bool:
+    """True when `err` (or an error it was raised from) says the disk or the quota is full.
+
+    Knows OSErrors (``ENOSPC``, ``EDQUOT``) and TensorFlow's file errors, whose message then says
+    "No space left on device" (the checkpoint writer's C++ code raises ResourceExhaustedError).
+    """
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return False
 
 
 def is_url(path: str) -> bool:
@@ -133,9 +186,33 @@ def _gfile(path: str):
     return tf.io.gfile
 
 
+def is_bucket_root(path: str) -> bool:
+    """True for a URL naming a whole bucket: ``s3://bucket`` or ``s3://bucket/``."""
+    path = str(path)
+    if not is_url(path):
+        return False
+    rest = path.split("://", 1)[1]
+    return bool(rest.strip("/")) and "/" not in rest.strip("/")
+
+
+def fs_path(path: str) -> str:
+    """`path` as `tf.io.gfile` wants it: a bucket root gets a trailing slash.
+
+    tensorflow-io's S3 filesystem refuses ``s3://bucket`` ("S3 path doesn't contain a bucket
+    name"; its listing finds nothing), while ``s3://bucket/`` is the bucket; other URLs and
+    local paths are returned unchanged.
+    """
+    path = str(path)
+    if is_bucket_root(path) and not path.endswith("/"):
+        return path + "/"
+    return path
+
+
 def join(base: str, *parts: str) -> str:
+    """`base` / `parts`; for URLs one slash between parts, whatever slashes they carry."""
     if is_url(base):
-        return "/".join([str(base).rstrip("/"), *[str(p).strip("/") for p in parts]])
+        pieces = [str(p).strip("/") for p in parts]
+        return "/".join([str(base).rstrip("/"), *[p for p in pieces if p]])
     return os.path.join(base, *parts)
 
 
@@ -150,28 +227,35 @@ def dirname(path: str) -> str:
 
 
 def makedirs(path: str) -> None:
+    """Creates a local folder (and its parents); on object stores, where a folder is a key
+    prefix, this only creates what the filesystem wants (nothing for a bucket root)."""
     if is_url(path):
-        _gfile(path).makedirs(path)
+        if not is_bucket_root(path):
+            _gfile(path).makedirs(fs_path(path))
+        else:
+            ensure_filesystem(path)
     else:
         os.makedirs(path, exist_ok=True)
 
 
 def exists(path: str) -> bool:
     if is_url(path):
-        return _gfile(path).exists(path)
+        return _gfile(path).exists(fs_path(path))
     return os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-    """True for a local folder, or a URL prefix with objects below it."""
+    """True for a local folder, or a URL prefix (a bucket root too) with objects below it."""
     if is_url(path):
-        return _gfile(path).isdir(path)
+        return _gfile(path).isdir(fs_path(path))
     return os.path.isdir(path)
 
 
 def isfile(path: str) -> bool:
     """True for a local file, or a URL naming an object (not a prefix)."""
     if is_url(path):
+        if is_bucket_root(path) or path.endswith("/"):
+            return False
         gfile = _gfile(path)
         return gfile.exists(path) and not gfile.isdir(path)
     return os.path.isfile(path)
@@ -186,22 +270,29 @@ def getsize(path: str) -> int:
 def listdir(path: str) -> list[str]:
     """Names directly below `path`, sorted, without trailing slashes and temporary ``.tmp-`` files.
 
+    On object stores: a bucket root, a trailing slash and prefixes without directory-marker
+    objects all list the same; a marker object of the prefix itself is no entry.
+
     Raises:
       FileNotFoundError / tf.errors.NotFoundError: `path` does not exist.
     """
-    names = _gfile(path).listdir(path) if is_url(path) else os.listdir(path)
-    return sorted({n.rstrip("/") for n in names if not n.startswith(_TMP_PREFIX)})
+    names = _gfile(path).listdir(fs_path(path)) if is_url(path) else os.listdir(path)
+    return sorted({n.strip("/") for n in names if n.strip("/") and not n.startswith(_TMP_PREFIX)})
 
 
 def find_files(root: str, suffix: str) -> list[str]:
-    """Files below `root` (any depth) whose name ends with `suffix`, sorted; [] without `root`."""
+    """Files below `root` (any depth) whose name ends with `suffix`, sorted; [] without `root`.
+
+    URLs come back in one form whatever the root's spelling: ``s3://bucket``, ``s3://bucket/``
+    and ``s3://bucket/prefix/`` give ``s3://bucket/...`` paths with single slashes.
+    """
     root = str(root)
     if not isdir(root):
         return []
     found = []
     if is_url(root):
-        for folder, _, files in _gfile(root).walk(root):
-            found += [join(folder, f) for f in files if f.endswith(suffix)]
+        for folder, _, files in _gfile(root).walk(fs_path(root)):
+            found += [join(folder, f) for f in files if f.strip("/") and f.endswith(suffix)]
     else:
         for folder, _, files in os.walk(root):
             found += [os.path.join(folder, f) for f in files if f.endswith(suffix)]
@@ -300,36 +391,108 @@ def local_copy(path: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` through a temporary sibling and a rename (module docstring)."""
-    path = str(path)
-    if is_url(path):
-        gfile = _gfile(path)
-        # A sibling temporary object (module docstring: rename is copy + delete on S3 and GCS).
-        tmp = join(dirname(path), f"{_TMP_PREFIX}{uuid.uuid4().hex}-{basename(path)}")
-        try:
-            with gfile.GFile(tmp, "wb") as f:
-                f.write(data)
-            gfile.rename(tmp, path, overwrite=True)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                if gfile.exists(tmp):
-                    gfile.remove(tmp)
-            raise
-        return
+def _write_all(f, data: bytes, path: str) -> None:
+    """Writes `data` to the open temporary file `f` that will become `path` (the one place local
+    bytes are written: tests replace it to simulate a disk that fills up part-way)."""
+    del path
+    f.write(data)
+
+
+def _stage_url(path: str, data: bytes) -> str:
+    """Writes `data` to a temporary object beside `path`; returns its URL."""
+    gfile = _gfile(path)
+    # A sibling temporary object (module docstring: rename is copy + delete on S3 and GCS).
+    tmp = join(dirname(path), f"{_TMP_PREFIX}{uuid.uuid4().hex}-{basename(path)}")
+    try:
+        with gfile.GFile(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return tmp
+
+
+def _stage_local(path: str, data: bytes) -> str:
+    """Writes `data` to a synced temporary file beside `path`; returns its path.
+
+    Raises:
+      WriteError: the write failed (the temporary file is removed).
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=os.path.basename(path), dir=directory)
+    except OSError as err:
+        raise WriteError(path, err) from err
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            _write_all(f, data, path)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as err:
+        _discard(tmp)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(path, err) from err
         raise
+    return tmp
+
+
+def _discard(tmp: str) -> None:
+    """Removes a temporary file or object; errors are ignored (it is only litter)."""
+    with contextlib.suppress(Exception):
+        if is_url(tmp):
+            gfile = _gfile(tmp)
+            if gfile.exists(tmp):
+                gfile.remove(tmp)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _move_into_place(tmp: str, path: str) -> None:
+    if is_url(path):
+        _gfile(path).rename(tmp, path, overwrite=True)
+        return
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        raise WriteError(path, err) from err
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` through a temporary sibling and a rename (module docstring).
+
+    Raises:
+      WriteError: a local write failed (e.g. ``ENOSPC``); `path` keeps its previous content.
+    """
+    atomic_write_many([(str(path), data)])
+
+
+def atomic_write_many(items) -> None:
+    """Writes several files, each atomically, moving them into place only once all are written.
+
+    A failure while writing any of them (a full disk) leaves every target as it was, so files
+    that describe each other (a cache volume and its sidecar) never mix versions because of a
+    failed write. The moves run in the order given.
+
+    Args:
+      items: ``[(path, bytes)]``.
+
+    Raises:
+      WriteError: a local write failed; nothing was moved into place.
+    """
+    staged: list[tuple[str, str]] = []
+    try:
+        for path, data in items:
+            path = str(path)
+            stage = _stage_url if is_url(path) else _stage_local
+            staged.append((stage(path, data), path))
+        while staged:
+            tmp, path = staged[0]
+            _move_into_place(tmp, path)
+            staged.pop(0)
+    finally:
+        for tmp, _ in staged:
+            _discard(tmp)
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -347,12 +510,72 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran_order, dtype, data offset) of the `.npy` header at the start of `f`.
+
+    Raises:
+      ValueError: not a `.npy` header (bad magic, unparsable, pickled objects).
+    """
+    version = np.lib.format.read_magic(f)
+    try:
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - numpy's header parser lets tokenizer errors out
+        raise ValueError(f"cannot parse the .npy header ({type(err).__name__}: {err})") from None
+    if dtype.hasobject:
+        raise ValueError("a pickled object array")
+    return shape, fortran, dtype, f.tell()
+
+
+def _check_npy_size(shape, dtype, data_bytes: int) -> None:
+    expected = math.prod(int(n) for n in shape) * dtype.itemsize
+    if data_bytes != expected:
+        raise ValueError(
+            f"{data_bytes} data bytes, the header's shape {list(shape)} {dtype} needs "
+            f"{expected} (truncated?)"
+        )
+
+
 def load_npy(path: str, mmap: bool = False) -> np.ndarray:
-    """Loads a `.npy` written by :func:`atomic_save_npy`; `mmap` only for local files."""
+    """Loads a `.npy` written by :func:`atomic_save_npy`; `mmap` only for local files.
+
+    The header is checked against the data before anything is allocated, so a truncated file
+    or a damaged header (a shape of 10^12 voxels) is a ValueError, never a huge allocation.
+
+    Raises:
+      ValueError: not a `.npy` file, or its data size is not the one its header gives.
+    """
     if mmap and not is_url(path):
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    return np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
+        with open(path, "rb") as f:
+            shape, fortran, dtype, offset = npy_header(f)
+        _check_npy_size(shape, dtype, os.path.getsize(path) - offset)
+        order = "F" if fortran else "C"
+        return np.memmap(
+            path, dtype=dtype, mode="r", shape=tuple(shape), order=order, offset=offset
+        )
+    data = read_bytes(path)
+    buf = io.BytesIO(data)
+    shape, _, dtype, offset = npy_header(buf)
+    _check_npy_size(shape, dtype, len(data) - offset)
+    buf.seek(0)
+    return np.load(buf, allow_pickle=False)
 
 
 def read_json(path: str):
-    return json.loads(read_bytes(path).decode("utf-8"))
+    """Parses a UTF-8 JSON file.
+
+    Raises:
+      ValueError: not UTF-8 (UnicodeDecodeError), not JSON (JSONDecodeError), or nested too
+        deeply to parse (the RecursionError of a corrupt file, turned into a ValueError).
+    """
+    text = read_bytes(path).decode("utf-8")
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

@@ -8,9 +8,9 @@ so a command decides it from its raw arguments: :func:`quiet_native_logs` runs w
 ``agg3d-*`` console script), and again, to no effect if TensorFlow is already imported, when the
 command starts (:func:`tf_agg3d.cli.exit.run`).
 
-The level follows absl's ``--verbosity``: not given, or below INFO (-1 warning, -2 error, -3
-fatal), hides the C++ INFO lines (WARNING and above, ERROR and above, FATAL only); INFO (0) or
-DEBUG (1 and up) leaves TensorFlow's own default (everything). A ``TF_CPP_MIN_LOG_LEVEL``
+The level follows absl's ``--verbosity``: not given shows TensorFlow's C++ errors only; below
+INFO (-1 warning, -2 error, -3 fatal) shows that level and above; INFO (0) or DEBUG (1 and
+up) leaves TensorFlow's own default (everything). A ``TF_CPP_MIN_LOG_LEVEL``
 already in the environment always wins.
 """
 
@@ -65,7 +65,9 @@ def native_log_level(argv: Sequence[str]) -> int | None:
     """The ``TF_CPP_MIN_LOG_LEVEL`` a command run with `argv` wants; None: TensorFlow's own."""
     verbosity = requested_verbosity(argv)
     if verbosity is None:
-        return 1
+        # Not asked for: TensorFlow's C++ warnings go too (tf.data's "will not be optimized",
+        # retracing notes): they are about TensorFlow's internals, not the user's run.
+        return 2
     if verbosity >= 0:
         return None
     return min(3, -verbosity)

@@ -51,7 +51,10 @@ DL_INFO_COLUMNS = (
     "Train_Val_Test",
 )
 # <patient>_<study>_<series>_<key slice>.png, e.g. 000001_01_01_109.png.
-FILE_NAME_RE = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)\.png$")
+# ASCII digits only (``\d`` would also take other scripts' digits).
+FILE_NAME_RE = re.compile(r"^([0-9]+)_([0-9]+)_([0-9]+)_([0-9]+)\.png$")
+# More digits than any index has: int() of a longer run is refused or slow, and cannot agree.
+_MAX_INDEX_DIGITS = 15
 LESION_TYPES = (1, 2, 3, 4, 5, 6, 7, 8, -1)
 SPLITS = {1: "train", 2: "val", 3: "test"}
 GENDERS = ("M", "F")
@@ -124,7 +127,7 @@ def _numbers(path: str, line: int, row: dict, field: str, count: int, what: str)
         raise DataError(
             path,
             f"expected {count} comma-separated numbers ({what}), got {len([p for p in parts if p])}"
-            f" in '{text}'",
+            f" in '{csv_io.show(text)}'",
             line=line,
             field=field,
         )
@@ -134,10 +137,18 @@ def _numbers(path: str, line: int, row: dict, field: str, count: int, what: str)
             value = float(part)
         except ValueError:
             raise DataError(
-                path, f"'{part}' in '{text}' is not a number", line=line, field=field
+                path,
+                f"'{csv_io.show(part)}' in '{csv_io.show(text)}' is not a number",
+                line=line,
+                field=field,
             ) from None
         if not math.isfinite(value):
-            raise DataError(path, f"'{part}' in '{text}' is not finite", line=line, field=field)
+            raise DataError(
+                path,
+                f"'{csv_io.show(part)}' in '{csv_io.show(text)}' is not finite",
+                line=line,
+                field=field,
+            )
         values.append(value)
     return values
 
@@ -174,7 +185,7 @@ def parse_row(path: str, line: int, row: dict) -> DLRow:
     if not match:
         raise DataError(
             path,
-            f"'{name}' is not <patient>_<study>_<series>_<key slice>.png",
+            f"'{csv_io.show(name)}' is not <patient>_<study>_<series>_<key slice>.png",
             line=line,
             field="File_name",
         )
@@ -186,9 +197,12 @@ def parse_row(path: str, line: int, row: dict) -> DLRow:
         strict=True,
     ):
         ids[field] = _int(path, line, row, field)
-        if ids[field] != int(text):
+        if len(text) > _MAX_INDEX_DIGITS or ids[field] != int(text):
             raise DataError(
-                path, f"{ids[field]} disagrees with File_name '{name}'", line=line, field=field
+                path,
+                f"{ids[field]} disagrees with File_name '{csv_io.show(name)}'",
+                line=line,
+                field=field,
             )
     key = ids["Key_slice_index"]
     what = "long axis x1, y1, x2, y2, then short axis x1, y1, x2, y2"
@@ -231,7 +245,9 @@ def parse_row(path: str, line: int, row: dict) -> DLRow:
         raise DataError(path, f"window {window} must have low < high", line, "DICOM_windows")
     gender = row["Patient_gender"]
     if gender not in GENDERS:
-        raise DataError(path, f"'{gender}' is not M or F", line=line, field="Patient_gender")
+        raise DataError(
+            path, f"'{csv_io.show(gender)}' is not M or F", line=line, field="Patient_gender"
+        )
     age_text = row["Patient_age"]
     age = None
     if age_text and age_text.lower() != "nan":

@@ -9,6 +9,12 @@ returned in ``extra``); every row must have as many fields as the header; series
 non-empty; numeric fields must parse and be finite. A violation raises
 :class:`~tf_agg3d.data.errors.DataError` with the file, line and field.
 
+Files are UTF-8 (a leading byte-order mark is dropped, as spreadsheet programs write one);
+Windows, Unix and old Mac line ends are all line ends. Whatever else a file holds (another
+encoding such as latin-1 or UTF-16, a NUL byte, broken quoting, a field over the csv module's
+size limit, a file cut short) ends in a DataError naming the file and, where there is one, the
+line; never another exception. Values shown in messages are cut to a readable length.
+
 A seriesuid list is no table: one seriesuid per line, header optional.
 :func:`read_seriesuids` is the package's one reader of such lists (its docstring gives the
 header rule); preprocessing, prediction, training and evaluation all read through it.
@@ -109,23 +115,66 @@ def excluded_diameter(d: float) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\xfe\xff", "UTF-16"),
+    (b"\xff\xfe", "UTF-16"),
+)
+
+
+def show(text: str, limit: int = 60) -> str:
+    """`text` for a message: cut to `limit` characters, control characters escaped."""
+    text = str(text)
+    cut = text if len(text) <= limit else text[: limit - 3] + "..."
+    return cut if cut.isprintable() else repr(cut)[1:-1]
+
+
 def _read_text(path: str) -> str:
+    """The file's text (UTF-8, an optional byte-order mark dropped).
+
+    Raises:
+      DataError: unreadable, another encoding (UTF-16/32 named by their byte-order marks; the
+        line of the first byte that is not UTF-8 otherwise), or a NUL byte (a binary file).
+    """
     try:
         data = uio.read_bytes(str(path))
-    except Exception as err:  # OSError locally; tf.io.gfile raises its own types for URLs
-        raise DataError(path, f"cannot read file ({err})") from None
+    except Exception as err:  # noqa: BLE001 - OSError locally; tf.io.gfile's types for URLs
+        raise DataError(path, f"cannot read file ({show(err, 200)})") from None
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            raise DataError(path, f"{name} text (byte-order mark); save the file as UTF-8")
     try:
         # utf-8-sig drops the byte-order mark spreadsheet programs put in front of the header.
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            path,
+            f"not UTF-8 text ({err.reason} at byte {err.start}); save the file as UTF-8",
+            line=line,
+        ) from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise DataError(path, "a NUL byte: a binary file, not CSV text", line=line)
+    return text
 
 
 def _rows(path: str, required: tuple[str, ...]):
     """Yields (line, {column: text}) for the data rows; checks header and field counts."""
-    reader = csv.reader(io.StringIO(_read_text(path)))
+    # newline="": "\r\n", "\n" and a lone "\r" all end a line, and csv sees them as such.
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     header = None
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:  # broken quoting, a field over the size limit
+            raise DataError(
+                path, f"not valid CSV ({show(err, 120)})", line=reader.line_num
+            ) from None
         if not row or all(not cell.strip() for cell in row):
             continue
         cells = [cell.strip() for cell in row]
@@ -134,17 +183,20 @@ def _rows(path: str, required: tuple[str, ...]):
             if missing:
                 raise DataError(
                     path,
-                    f"header {cells} lacks column(s) {missing}; expected {', '.join(required)}",
+                    f"header {show(cells, 200)} lacks column(s) {missing}; expected "
+                    f"{', '.join(required)}",
                     line=reader.line_num,
                 )
             if len(set(cells)) != len(cells):
-                raise DataError(path, f"header {cells} repeats a column", line=reader.line_num)
+                raise DataError(
+                    path, f"header {show(cells, 200)} repeats a column", line=reader.line_num
+                )
             header = cells
             continue
         if len(cells) != len(header):
             raise DataError(
                 path,
-                f"{len(cells)} fields, the header has {len(header)} ({', '.join(header)})",
+                f"{len(cells)} fields, the header has {len(header)} ({show(', '.join(header), 200)})",
                 line=reader.line_num,
             )
         yield reader.line_num, dict(zip(header, cells, strict=True))
@@ -157,9 +209,9 @@ def _float(path: str, line: int, row: dict, field: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise DataError(path, f"'{text}' is not a number", line=line, field=field) from None
+        raise DataError(path, f"'{show(text)}' is not a number", line=line, field=field) from None
     if not math.isfinite(value):
-        raise DataError(path, f"'{text}' is not a finite number", line=line, field=field)
+        raise DataError(path, f"'{show(text)}' is not a finite number", line=line, field=field)
     return value
 
 
@@ -167,6 +219,10 @@ def _uid(path: str, line: int, row: dict) -> str:
     uid = row["seriesuid"]
     if not uid:
         raise DataError(path, "empty seriesuid", line=line, field="seriesuid")
+    if not uid.isprintable():
+        raise DataError(
+            path, f"'{show(uid)}' holds control characters", line=line, field="seriesuid"
+        )
     return uid
 
 
@@ -187,7 +243,9 @@ def _read_annotation_file(path: str, allow_unknown: bool) -> dict[str, list[Anno
         d = _float(path, line, row, "diameter_mm")
         if not (d > 0 or (allow_unknown and d == EXCLUDED_UNKNOWN_DIAMETER)):
             allowed = "> 0 or -1 (unknown)" if allow_unknown else "> 0"
-            raise DataError(path, f"diameter {d} must be {allowed}", line=line, field="diameter_mm")
+            raise DataError(
+                path, f"diameter {d:g} must be {allowed}", line=line, field="diameter_mm"
+            )
         item = Annotation(uid, x, y, z, d, line, path, _extra(row, ANNOTATION_COLUMNS))
         out.setdefault(uid, []).append(item)
     return out
@@ -227,7 +285,7 @@ def read_candidates(path: str) -> dict[str, list[Candidate]]:
         x, y, z = _xyz(path, line, row)
         if row["class"] not in ("0", "1"):
             raise DataError(
-                path, f"class '{row['class']}' must be 0 or 1", line=line, field="class"
+                path, f"class '{show(row['class'])}' must be 0 or 1", line=line, field="class"
             )
         item = Candidate(uid, x, y, z, int(row["class"]), line, _extra(row, CANDIDATE_COLUMNS))
         out.setdefault(uid, []).append(item)
@@ -290,8 +348,8 @@ def read_seriesuids(path: str, keep_header: bool = False) -> list[str]:
             if keep_header:
                 uids.append(uid)
             continue
-        if "," in uid or any(ch.isspace() for ch in uid):
-            raise DataError(path, f"'{uid}' is not a single seriesuid", line=number)
+        if "," in uid or any(ch.isspace() for ch in uid) or not uid.isprintable():
+            raise DataError(path, f"'{show(uid)}' is not a single seriesuid", line=number)
         if uid in seen:
             raise DataError(path, f"seriesuid {uid} repeats line {seen[uid]}", line=number)
         seen[uid] = number

@@ -8,6 +8,12 @@ process pool with ``workers > 1``). A scan that fails is reported with its uid a
 go on. Progress and the summary go through a ``report`` callable (print by default).
 :func:`run_jobs` is that loop on its own, each job ending in a :class:`JobResult`; the
 DeepLesion conversion (:mod:`tf_agg3d.data.deeplesion.conversion`) runs through it too.
+
+Faults at rest: an existing entry that is unreadable (a truncated ``.npy``, a corrupt sidecar, a
+sidecar whose shape is not its array's) is named and redone. A full disk (or quota) while an
+entry is written stops the run: the entry being written keeps its previous files (both are
+written to temporaries first), the jobs not yet started are left, and rerunning the same command
+goes on from there.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class JobResult:
       message: why it failed ("" when ok).
       note: said after ``note_label`` on an ok line (LUNA16: the lung mask used).
       shape: the cache volume's shape when ok.
+      stop: the failure ends the run (the storage is full: every later job would fail too).
     """
 
     uid: str
@@ -71,22 +78,39 @@ class JobResult:
     message: str
     note: str = ""
     shape: tuple = ()
+    stop: bool = False
+
+
+def stops_run(result: JobResult) -> bool:
+    """True for a failed job whose failure ends the run: its ``stop`` flag, or a message that
+    says the disk or the quota is full (work functions that do not set the flag)."""
+    if result.ok:
+        return False
+    return result.stop or any(
+        text in result.message for text in ("No space left on device", "Disk quota exceeded")
+    )
 
 
 @dataclasses.dataclass
 class RunSummary:
-    """Outcome of a run: uids written, skipped (already cached) and failed (uid -> reason)."""
+    """Outcome of a run: uids written, skipped (already cached) and failed (uid -> reason);
+    when the run stopped early (a full disk), why (`stopped`) and the jobs not started."""
 
     ok: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    stopped: str = ""
+    not_started: list[str] = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
-        return (
+        text = (
             f"preprocess summary: ok={len(self.ok)} skipped={len(self.skipped)} "
             f"failed={len(self.failed)} seconds={self.seconds:.1f}"
         )
+        if self.stopped:
+            text += f" not_started={len(self.not_started)} (stopped early)"
+        return text
 
 
 def preprocess_one(job: ScanJob, cache_dir: str, config: PreprocessConfig) -> JobResult:
@@ -104,7 +128,9 @@ def preprocess_one(job: ScanJob, cache_dir: str, config: PreprocessConfig) -> Jo
         return JobResult(job.uid, False, time.perf_counter() - start, str(err))
     except Exception as err:  # a bug or an OS failure on one scan must not stop the others
         message = f"{type(err).__name__}: {err}"
-        return JobResult(job.uid, False, time.perf_counter() - start, message)
+        # ... but a full disk stops the run: every later scan would fail the same way.
+        full = uio.is_storage_full(err)
+        return JobResult(job.uid, False, time.perf_counter() - start, message, stop=full)
     note = meta["lung_mask"]
     if note == "threshold":
         note += " (no seg-lungs-LUNA16 mask; threshold segmentation used)"
@@ -258,11 +284,14 @@ def run_jobs(
         report(f"skip   {key}: {reason}")
     todo = []
     for job in jobs:
-        if not force and cache.has_entry(cache_dir, job.uid):
+        problem = None if force else cache.check_entry(cache_dir, job.uid)
+        if not force and problem is None:
             summary.skipped.append(job.uid)
             report(f"skip   {job.uid} (already in the cache)")
-        else:
-            todo.append(job)
+            continue
+        if problem and problem != "missing":
+            report(f"redo   {job.uid}: its cache entry is unreadable: {problem}")
+        todo.append(job)
     total = len(todo)
     report(f"{action} {total} {unit} into {cache_dir} with {max(1, workers)} worker(s)")
 
@@ -277,35 +306,60 @@ def run_jobs(
         else:
             summary.failed[result.uid] = result.message
             report(f"{prefix} FAILED {result.uid} {result.seconds:.1f} s: {result.message}")
+            if stops_run(result) and not summary.stopped:
+                summary.stopped = f"{result.uid}: {result.message}"
+                report(f"stopping: the storage is full ({result.message})")
+        return not summary.stopped
 
     if workers <= 1 or total <= 1:
         for index, job in enumerate(todo, start=1):
-            record(index, work(job))
+            if not record(index, work(job)):
+                summary.not_started = [j.uid for j in todo[index:]]
+                break
     else:
-        _run_pool(todo, work, workers, record)
+        summary.not_started = _run_pool(todo, work, workers, record)
     if before_summary is not None:
         before_summary()
     summary.seconds = time.perf_counter() - t0
     report(summary.line())
     for key, reason in summary.failed.items():
         report(f"  failed {key}: {reason}")
+    if summary.stopped:
+        report(
+            f"stopped early, {len(summary.not_started)} {unit} not started: free space in "
+            f"{cache_dir} and rerun the same command; entries already written are complete "
+            "and are skipped"
+        )
     return summary
 
 
-def _run_pool(jobs, work, workers, record) -> None:
+def _run_pool(jobs, work, workers, record) -> list[str]:
+    """Runs the jobs in a process pool; `record(index, result)` returns False to stop the run.
+
+    Returns:
+      The uids of the jobs not started because the run stopped.
+    """
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn, not fork: SimpleITK's thread pool in the parent does not survive a fork safely.
     context = multiprocessing.get_context("spawn")
+    not_started: list[str] = []
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
     ) as pool:
         futures = {pool.submit(work, job): job for job in jobs}
+        going = True
         for index, future in enumerate(concurrent.futures.as_completed(futures), start=1):
             job = futures[future]
+            if future.cancelled():
+                continue
             try:
                 result = future.result()
             except Exception as err:  # a worker that died (e.g. out of memory) fails its job
                 result = JobResult(
                     job.uid, False, 0.0, f"worker failed: {type(err).__name__}: {err}"
                 )
-            record(index, result)
+            if not record(index, result) and going:
+                going = False
+                # Jobs still queued are not started; those already running finish.
+                not_started = [futures[f].uid for f in futures if f.cancel()]
+    return sorted(not_started)

@@ -113,3 +113,18 @@ def test_serving_load_bench_counts_every_scan_and_orders_its_percentiles():
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         assert lat["mean"] <= lat["max"]
         assert row["findings_per_scan"] == 5  # the stand-in reports its top five cells
+
+
+def test_pipelines_bench_reports_both_jobs_beside_their_clis():
+    pytest.importorskip("apache_beam")
+    report = json.loads(
+        _run_bench("pipelines.py", "--scans", "2", "--shape", "32,64,64", "--model", "tiny")
+    )
+    assert (report["scans"], report["workers"], report["model"]) == (2, 2, "tiny")
+    pre, pred = report["preprocess"], report["predict"]
+    assert pre["caches_identical"] and pred["csvs_agree"] and pred["findings"] > 0
+    for job in (pre, pred):
+        assert job["cli_seconds"] > 0 and job["beam_seconds"] > 0
+        assert job["beam_startup_seconds"] > 0 and job["worker_s_per_scan"] > 0
+        assert job["beam_scans_per_s"] == pytest.approx(2 / job["beam_seconds"], rel=0.02)
+        assert job["cli_scans_per_s"] == pytest.approx(2 / job["cli_seconds"], rel=0.02)

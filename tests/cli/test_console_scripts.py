@@ -24,6 +24,8 @@ EXPECTED = {
     "agg3d-synthetic-luna16",
     "agg3d-synthetic-deeplesion",
     "agg3d-crossval",
+    "agg3d-beam-preprocess",
+    "agg3d-beam-predict",
 }
 
 

@@ -7,10 +7,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-from support import cache_meta
+from support import cache_meta, write_cache
 
 from tf_agg3d.config import AnchorConfig, DataConfig
 from tf_agg3d.data import cache as cache_lib
+from tf_agg3d.data.errors import DataError
 from tf_agg3d.dataloaders import augment
 from tf_agg3d.dataloaders import input_pipeline as pipeline
 
@@ -169,6 +170,20 @@ def test_out_of_volume_voxels_get_the_sidecar_fill_value(tmp_path):
     # Through the sampler: a 32^3 crop of a 20^3 scan always contains padding.
     vol = pipeline.CropSampler(data, [scan]).sample(0)[0]
     assert (vol == -1234).any() and (vol == -700).any()
+
+
+def test_a_damaged_entry_is_named_and_left_out(tmp_path, caplog):
+    cache = str(tmp_path / "cache")
+    write_cache(cache, n_scans=3)
+    npy = cache_lib.volume_path(cache, "scan1")
+    with open(npy, "r+b") as f:
+        f.truncate(200)
+    with caplog.at_level("WARNING"):
+        scans = pipeline.load_scans(cache)
+    assert [s.uid for s in scans] == ["scan0", "scan2"]
+    assert "scan1" in caplog.text and npy in caplog.text
+    with pytest.raises(DataError, match="scan9"):
+        pipeline.load_scans(cache, ["scan0", "scan9"])
 
 
 def test_ten_fold_split_holds_out_subset_k(tmp_path):

@@ -34,6 +34,7 @@ Dataset elements (per replica batch ``b``):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -48,6 +49,8 @@ from tf_agg3d.dataloaders import augment
 from tf_agg3d.ops.anchors import multilevel_anchors
 from tf_agg3d.ops.targets import assign_anchor_targets
 from tf_agg3d.utils import io as uio
+
+log = logging.getLogger(__name__)
 
 KIND_RANDOM, KIND_NODULE, KIND_HARD_NEGATIVE = 0, 1, 2
 # Version tag of the Anchor Based Sampling file (written by tf_agg3d.training.abs).
@@ -83,14 +86,22 @@ def _boxes(entries) -> np.ndarray:
 def load_scans(cache_dir: str, uids: Sequence[str] | None = None) -> list[CachedScan]:
     """Reads the sidecars of `uids` (default: every entry of the cache).
 
+    An entry whose volume is truncated or corrupt, or whose sidecar disagrees with its array,
+    is left out with a warning naming the file: one damaged scan must not stop a run over
+    hundreds (rerunning ``preprocess`` redoes it).
+
     Raises:
-      DataError: a missing or malformed sidecar.
+      DataError: a missing entry, or a malformed sidecar.
     """
     if uids is None:
         uids = cache_lib.list_uids(cache_dir)
     scans = []
     for uid in uids:
-        meta = cache_lib.read_meta(cache_dir, uid)
+        problem = cache_lib.check_entry(cache_dir, uid)
+        meta = cache_lib.read_meta(cache_dir, uid)  # a missing or malformed sidecar raises
+        if problem is not None:
+            log.warning("skipping cache entry %s: %s", uid, problem)
+            continue
         subset = meta.get("subset")
         scans.append(
             CachedScan(

@@ -88,7 +88,8 @@ def phase_checkpoints(directory: str) -> list[str]:
     """Prefixes of the ``ckpt-<step>`` checkpoints in one phase folder, newest (highest step)
     first: those the manager's state lists and those whose ``.index`` is on disk."""
     found: set[str] = set()
-    with contextlib.suppress(tf.errors.OpError, ValueError):
+    # A state file that does not parse (damaged too) is no reason to stop: the files decide.
+    with contextlib.suppress(Exception):
         state = tf.train.get_checkpoint_state(directory)
         if state is not None:
             found.update(

@@ -259,7 +259,7 @@ def test_every_shipped_config_loads(path):
     ids=lambda p: p.name,
 )
 def test_each_luna16_child_names_its_base_and_holds_only_its_difference(path):
-    own = yaml.safe_load(path.read_text())
+    own = yaml.safe_load(path.read_text(encoding="utf-8"))
     assert isinstance(own.get("base"), str), f"{path.name} names no base"
     parent = to_dict(load_config(str(path.parent / own["base"])))
     child = to_dict(load_config(str(path)))
@@ -284,7 +284,7 @@ def test_each_luna16_child_names_its_base_and_holds_only_its_difference(path):
 
 @pytest.mark.parametrize("old, new", sorted(OLD_NAMES.items()))
 def test_old_config_names_are_their_new_file_and_nothing_else(old, new):
-    own = yaml.safe_load((CONFIGS / old).read_text())
+    own = yaml.safe_load((CONFIGS / old).read_text(encoding="utf-8"))
     assert own == {"base": f"luna16/{new}"}
     assert to_dict(load_config(str(CONFIGS / old))) == to_dict(luna16(new))
 
@@ -379,6 +379,6 @@ def test_table_ii_rows_are_rpn_only():
 
 
 def test_reproduction_doc_names_every_luna16_config():
-    text = (REPO / "docs" / "reproduction.md").read_text()
+    text = (REPO / "docs" / "reproduction.md").read_text(encoding="utf-8")
     for path in sorted(LUNA16.glob("*.yaml")):
         assert f"configs/luna16/{path.name}" in text, path.name

@@ -303,39 +303,6 @@ class InferenceConfig:
     # evaluation.max_marks.
     max_marks: int = 100
     max_proposals_per_scan: int = 300
-    # How the backbone covers a scan (tf_agg3d/models/whole_scan.py):
-    #   tiles: one pass over the whole scan, each voxel computed once; the full-resolution stem
-    #     runs in tiles with an exact halo, sized by memory_budget_mb (models/tiled_backbone.py).
-    #     Needs a DenseUNet3D backbone; any other backbone runs windows.
-    #   windows: overlapping window_size windows (overlap, window_batch_size), merged by cores.
-    mode: str = "tiles"
-    # tiles: memory for the stem's tiles (their activations); the rest of the network takes
-    # about 16 (float32) / 8 (bfloat16) bytes per scan voxel on top.
-    memory_budget_mb: int = 2048
-    # float32 | bfloat16 | auto: bfloat16 where the CPU computes it natively (AVX512-BF16 / AMX
-    # with oneDNN on, no GPU), else float32. Exported SavedModels resolve auto to float32.
-    precision: str = "auto"
-    # Skip the computation of regions whose receptive field is all fill_hu (exact either way).
-    skip_fill: bool = True
-    # tiles: best RPN anchors per scan that enter the proposal NMS (windows: per window,
-    # model.proposals.pre_nms_top_k).
-    tiles_pre_nms_top_k: int = 2048
-
-    def __post_init__(self):
-        if self.mode not in ("tiles", "windows"):
-            raise ConfigError(f"inference.mode: {self.mode!r} not in ['tiles', 'windows']")
-        if self.precision not in ("auto", "float32", "bfloat16"):
-            raise ConfigError(
-                f"inference.precision: {self.precision!r} not in ['auto', 'bfloat16', 'float32']"
-            )
-        if self.memory_budget_mb < 1:
-            raise ConfigError(
-                f"inference.memory_budget_mb: must be >= 1, got {self.memory_budget_mb}"
-            )
-        if self.tiles_pre_nms_top_k < 1:
-            raise ConfigError(
-                f"inference.tiles_pre_nms_top_k: must be >= 1, got {self.tiles_pre_nms_top_k}"
-            )
 
 
 @dataclasses.dataclass

@@ -40,24 +40,6 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo_cpu.yaml")
-# The tests' tiny detector (tests/support.py TINY_DETECTOR_OVERRIDES), 32^3 windows.
-TINY = [
-    "model.backbone.preblock_filters=4",
-    "model.backbone.growth_rate=4",
-    "model.backbone.transition_channels=[8,8,8]",
-    "model.backbone.pyramid_channels=8",
-    "model.backbone.decoder_channels=8",
-    "model.backbone.layers_per_block=1",
-    "model.backbone.detector_layers=1",
-    "model.fpr.hidden_units=8",
-    "model.fpr.magnify_stages=1",
-    "model.fpr.magnify_layers_per_stage=1",
-    "model.fpr.use_custom_op=false",
-    "model.proposals.max_proposals=4",
-    "inference.window_size=[32,32,32]",
-    "inference.overlap=8",
-    "inference.max_marks=10",
-]
 
 
 def _env() -> dict:
@@ -95,9 +77,14 @@ def _write_model(model_dir: str, model: str) -> None:
     # Threshold 0: every window proposes its quota and the FPRN scores every proposal (random
     # weights would otherwise leave nothing to write, and the worst case is the one to plan for).
     zero = ["inference.score_threshold=0.0"]
-    config = (
-        load_config(DEMO_CONFIG, zero) if model == "demo_cpu" else load_config(None, TINY + zero)
-    )
+    if model == "demo_cpu":
+        config = load_config(DEMO_CONFIG, zero)
+    else:
+        # The test suite's tiny detector (32^3 windows), from its shared helpers.
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from support import TINY_DETECTOR_OVERRIDES
+
+        config = load_config(None, [*TINY_DETECTOR_OVERRIDES, "inference.max_marks=10", *zero])
     tf.keras.utils.set_random_seed(0)
     detector = build_detector(config.model)
     build_variables(detector)
@@ -138,6 +125,20 @@ def _rate(n: int, seconds: float) -> float | None:
     """n / seconds; None when the time is not positive (a run no slower than start-up alone:
     noise on a busy machine)."""
     return round(n / seconds, 3) if seconds > 0 else None
+
+
+def _throughput(scans: int, cli_s: float, beam_s: float, idle_s: float, beam_out: str) -> dict:
+    """The CLI's and the Beam job's seconds and scans per second; the Beam job's also after
+    its start-up (`idle_s`: a run over no scans) and per scan in a worker."""
+    return {
+        "cli_seconds": round(cli_s, 2),
+        "cli_scans_per_s": _rate(scans, cli_s),
+        "beam_seconds": round(beam_s, 2),
+        "beam_scans_per_s": _rate(scans, beam_s),
+        "beam_startup_seconds": round(idle_s, 2),
+        "beam_scans_per_s_after_startup": _rate(scans, beam_s - idle_s),
+        "worker_s_per_scan": _summary_value(beam_out, "worker_s_per_scan"),
+    }
 
 
 def main() -> None:
@@ -184,13 +185,7 @@ def main() -> None:
             if n.endswith(".npy")
         ]
         result["preprocess"] = {
-            "cli_seconds": round(cli_s, 2),
-            "cli_scans_per_s": _rate(args.scans, cli_s),
-            "beam_seconds": round(beam_s, 2),
-            "beam_scans_per_s": _rate(args.scans, beam_s),
-            "beam_startup_seconds": round(idle_s, 2),
-            "beam_scans_per_s_after_startup": _rate(args.scans, beam_s - idle_s),
-            "worker_s_per_scan": _summary_value(beam_out, "worker_s_per_scan"),
+            **_throughput(args.scans, cli_s, beam_s, idle_s, beam_out),
             "caches_identical": _same_cache(cli_cache, beam_cache),
             "cache_shapes_zyx": [list(v) for v in volumes],
         }
@@ -217,13 +212,7 @@ def main() -> None:
         )  # fmt: skip
         result["predict"] = {
             "export_seconds": round(export_s, 2),
-            "cli_seconds": round(cli_s, 2),
-            "cli_scans_per_s": _rate(args.scans, cli_s),
-            "beam_seconds": round(beam_s, 2),
-            "beam_scans_per_s": _rate(args.scans, beam_s),
-            "beam_startup_seconds": round(idle_s, 2),
-            "beam_scans_per_s_after_startup": _rate(args.scans, beam_s - idle_s),
-            "worker_s_per_scan": _summary_value(beam_out, "worker_s_per_scan"),
+            **_throughput(args.scans, cli_s, beam_s, idle_s, beam_out),
             "findings": len(_rows(beam_csv)),
             "csvs_agree": _same_predictions(cli_csv, beam_csv),
         }

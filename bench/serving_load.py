@@ -10,14 +10,16 @@ clients together) and the errors.
 
 Models (``--model``):
 
-- ``standin`` (default): the serving tests' stand-in (average-pool + top-k, stock ops, the
-  detector's signature contract): measures the serving path itself (transfer, validation,
-  preprocessing, gRPC, the dev server's admission), not the network;
-- ``tiny``: the real detector at the test suite's tiny size (pure-TF RoI Align), so the graph's
-  work counts too. Its export takes tens of seconds.
+- ``standin`` (default): the stand-in servable of ``tf_agg3d.serving.standin`` (average-pool
+  + top-k, stock ops, the detector's signature contract): measures the serving path itself
+  (transfer, validation, preprocessing, gRPC, the dev server's admission), not the network;
+- ``tiny``: the real detector at the test suite's tiny size (``tests/support.py``
+  ``TINY_DETECTOR_OVERRIDES``, pure-TF RoI Align), so the graph's work counts too. Its export
+  takes tens of seconds.
 
-Scans are chest phantoms (air, body, two lungs, a nodule) written as .mhd; each client sends
-the same M scans. Before timing, each client fetches the model's metadata and runs one scan.
+Scans are synthetic LUNA16 scans (``tf_agg3d.data.synthetic``) of ``--scan-shape`` voxels;
+each client sends the same M scans. Before timing, each client fetches the model's metadata and
+runs one scan.
 
     .venv/bin/python bench/serving_load.py [--clients 1,2,4,8] [--scans-per-client 8] \\
         [--model standin] [--scan-shape 48,96,96] [--out serving_load.json]
@@ -43,126 +45,48 @@ import numpy as np
 import tensorflow as tf
 
 from tf_agg3d.config import load_config
+from tf_agg3d.serving import contract
 from tf_agg3d.serving.client import Agg3DClient
 from tf_agg3d.serving.publishing import export_saved_model
 from tf_agg3d.serving.signatures import Agg3DExportModule
+from tf_agg3d.serving.standin import export_standin
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STANDIN_WINDOW = (16, 16, 16)
-TINY_OVERRIDES = [
-    "model.backbone.preblock_filters=4",
-    "model.backbone.growth_rate=4",
-    "model.backbone.transition_channels=[8,8,8]",
-    "model.backbone.pyramid_channels=8",
-    "model.backbone.decoder_channels=8",
-    "model.backbone.layers_per_block=1",
-    "model.backbone.detector_layers=1",
-    "model.fpr.hidden_units=8",
-    "model.fpr.magnify_stages=1",
-    "model.fpr.magnify_layers_per_stage=1",
-    "model.fpr.use_custom_op=false",
-    "model.proposals.max_proposals=4",
-    "inference.window_size=[32,32,32]",
-    "inference.overlap=8",
-]
-
-
-class StandInWholeScan(tf.Module):
-    """WholeScanDetector's contract with a trivial model: the brightest 4-voxel blocks."""
-
-    def __init__(self):
-        super().__init__(name="standin")
-        self.detector = tf.Module(name="standin_detector")
-        self.detector.scale = tf.Variable(1.0, dtype=tf.float32, name="scale")
-
-    @tf.function(reduce_retracing=True)
-    def detect(self, volume):
-        v = tf.cast(volume, tf.float32)[None, ..., None]
-        pooled = tf.nn.avg_pool3d(v, 4, 4, "SAME")[0, ..., 0]
-        flat = tf.reshape(pooled, [-1])
-        k = tf.minimum(5, tf.size(flat))
-        top = tf.math.top_k(flat, k=k, sorted=True)
-        cells = tf.cast(tf.transpose(tf.unravel_index(top.indices, tf.shape(pooled))), tf.float32)
-        rpn = tf.sigmoid(top.values / 100.0 * self.detector.scale)
-        fpr = tf.sigmoid(top.values / 200.0)
-        return {
-            "boxes": tf.concat([cells * 4.0 + 1.5, tf.fill([k, 1], 6.0)], axis=1),
-            "scores": (rpn + fpr) / 2.0,
-            "rpn_scores": rpn,
-            "fpr_scores": fpr,
-            "num_detections": k,
-            "num_windows": tf.constant(1),
-        }
-
-    @tf.function(reduce_retracing=True)
-    def detect_crops(self, crops):
-        x = tf.cast(crops, tf.float32)
-        peak = tf.reduce_max(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)[:, None]
-        return {"scores": tf.sigmoid(peak / 100.0)}
 
 
 def export_model(kind: str, base: str) -> str:
     """Exports version 1 of the `kind` model under `base`; returns its base path."""
     if kind == "standin":
-        window = ",".join(map(str, STANDIN_WINDOW))
-        config = load_config(None, [f"inference.window_size=[{window}]"])
-        whole_scan = StandInWholeScan()
-    else:
-        from tf_agg3d.models.builder import build_detector
-        from tf_agg3d.models.loading import build_variables
-        from tf_agg3d.models.whole_scan import WholeScanDetector
-        from tf_agg3d.ops.roi_align import roi_align_3d
+        # The scans' size, not the stand-in's small test limit, bounds the volume.
+        return export_standin(base, 1, max_volume_shape=contract.MAX_VOLUME_SHAPE).model_base
+    from tf_agg3d.models.builder import build_detector
+    from tf_agg3d.models.loading import build_variables
+    from tf_agg3d.models.whole_scan import WholeScanDetector
+    from tf_agg3d.ops.roi_align import roi_align_3d
 
-        config = load_config(None, TINY_OVERRIDES)
-        tf.keras.utils.set_random_seed(7)
-        detector = build_detector(config.model)
-        build_variables(detector)
-        detector.roi_align_fn = roi_align_3d
-        whole_scan = WholeScanDetector(
-            detector, config.inference, fill_hu=config.preprocess.fill_hu
-        )
+    # The test suite's tiny detector, from its shared helpers.
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from support import TINY_DETECTOR_OVERRIDES
+
+    config = load_config(None, TINY_DETECTOR_OVERRIDES)
+    tf.keras.utils.set_random_seed(7)
+    detector = build_detector(config.model)
+    build_variables(detector)
+    detector.roi_align_fn = roi_align_3d
+    whole_scan = WholeScanDetector(detector, config.inference, fill_hu=config.preprocess.fill_hu)
     module = Agg3DExportModule(whole_scan, config, version=1)
     return export_saved_model(module, base).model_base
 
 
-def chest_phantom(shape_zyx, spacing_xyz=(1.1, 1.1, 2.0), nodule_zyx=None) -> np.ndarray:
-    """A chest (air, body, two -850 HU lungs, a 0 HU nodule) as int16 HU (z, y, x)."""
-    d, h, w = shape_zyx
-    sx, sy, sz = spacing_xyz
-    z = (np.arange(d) * sz)[:, None, None]
-    y = (np.arange(h) * sy)[None, :, None]
-    x = (np.arange(w) * sx)[None, None, :]
-    cz, cy, cx = (d - 1) * sz / 2, (h - 1) * sy / 2, (w - 1) * sx / 2
-    body = ((x - cx) / (0.45 * w * sx)) ** 2 + ((y - cy) / (0.4 * h * sy)) ** 2 <= 1.0
-    image = np.where(np.broadcast_to(body, shape_zyx), 40, -1000).astype(np.int16)
-    for side in (-1, 1):
-        lung = (
-            ((x - cx - side * 0.2 * w * sx) / (0.15 * w * sx)) ** 2
-            + ((y - cy) / (0.28 * h * sy)) ** 2
-            + ((z - cz) / (0.6 * d * sz)) ** 2
-        ) <= 1.0
-        image[lung] = -850
-    nz, ny, nx = nodule_zyx or (d // 2, int(h * 0.45), int(w * 0.3))
-    nodule = ((z - nz * sz) ** 2 + (y - ny * sy) ** 2 + (x - nx * sx) ** 2) <= 4.0**2
-    image[nodule] = 0
-    return image
-
-
 def write_scans(folder: str, n: int, shape_zyx) -> list[str]:
-    import SimpleITK as sitk
+    """`n` synthetic LUNA16 scans of `shape_zyx` voxels under `folder`; their .mhd paths."""
+    from tf_agg3d.data.synthetic.luna16 import generate_dataset
 
-    paths = []
-    d, h, w = shape_zyx
-    for i in range(n):
-        image = sitk.GetImageFromArray(
-            chest_phantom(shape_zyx, nodule_zyx=(d // 2, int(h * 0.45), int(w * (0.25 + 0.02 * i))))
-        )
-        image.SetSpacing((1.1, 1.1, 2.0))
-        image.SetOrigin((-35.0, 20.5, -120.0))
-        path = os.path.join(folder, f"scan-{i}.mhd")
-        sitk.WriteImage(image, path)
-        paths.append(path)
-    return paths
+    summary = generate_dataset(folder, n, seed=0, shape=shape_zyx)
+    return [
+        os.path.join(folder, f"subset{summary['subset'][uid]}", f"{uid}.mhd")
+        for uid in summary["uids"]
+    ]
 
 
 def _free_port() -> int:
@@ -263,13 +187,13 @@ def main() -> dict:
     parser.add_argument("--clients", default="1,2,4,8", help="Client counts, comma-separated.")
     parser.add_argument("--scans-per-client", type=int, default=8)
     parser.add_argument("--model", choices=("standin", "tiny"), default="standin")
-    parser.add_argument("--scan-shape", default="48,96,96", help="Phantom D,H,W (z, y, x).")
+    parser.add_argument("--scan-shape", default="48,96,96", help="Scan D,H,W (z, y, x).")
     parser.add_argument("--max-concurrent-requests", type=int, default=4)
     parser.add_argument("--max-queued-requests", type=int, default=8)
     parser.add_argument("--deadline", type=float, default=300.0)
     parser.add_argument("--out", default=None, help="Also write the JSON here.")
     args = parser.parse_args()
-    # The phantoms have no lung mask file; the threshold fallback's warning would repeat per scan.
+    # The client reads no lung mask; the threshold fallback's warning would repeat per scan.
     logging.getLogger("tf_agg3d.data.preprocessing.cache_entry").setLevel(logging.ERROR)
     counts = [int(n) for n in args.clients.split(",") if n]
     shape = tuple(int(n) for n in args.scan_shape.split(","))
@@ -279,7 +203,7 @@ def main() -> dict:
         start = time.perf_counter()
         base_path = os.path.join(export_model(args.model, os.path.join(tmp, "models")))
         export_s = time.perf_counter() - start
-        paths = write_scans(tmp, args.scans_per_client, shape)
+        paths = write_scans(os.path.join(tmp, "luna16"), args.scans_per_client, shape)
         port = _free_port()
         server = start_server(base_path, port, os.path.join(tmp, "server.log"), args)
         try:

@@ -6,10 +6,15 @@ with ``from support import ...``.
 
 from __future__ import annotations
 
+import csv
 import os
+import subprocess
 import sys
+import time
+import types
 
 import numpy as np
+import pytest
 import yaml
 
 from tf_agg3d.config import BackboneConfig, load_config
@@ -33,6 +38,18 @@ def subprocess_env(extra=None) -> dict:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env
+
+
+def run_module(module: str, *args, timeout: int = 420) -> subprocess.CompletedProcess:
+    """``python -m module args`` from the repository root; stdout and stderr captured."""
+    return subprocess.run(
+        [PYTHON, "-m", module, *[str(a) for a in args]],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # A 32^3 crop and a backbone a few thousand parameters big: a step takes well under a second.
@@ -93,6 +110,9 @@ TINY_DETECTOR_OVERRIDES = [
     "inference.window_size=[32,32,32]",
     "inference.overlap=8",
     "inference.score_threshold=0.0",
+    # float32 whatever the CPU: in-process and exported graphs (exports resolve auto to
+    # float32) must give the same numbers.
+    "inference.precision=float32",
 ]
 
 # A backbone with three 8-channel pyramid levels, for the model tests that build it in-process.
@@ -121,6 +141,40 @@ def tiny_config_file(tmp_path, sections=None) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(settings, f, default_flow_style=None, sort_keys=False)
     return path
+
+
+def read_until(proc, found, lines, timeout, failure):
+    """Reads `proc`'s output lines into `lines` until ``found(line)`` is truthy; returns it.
+
+    Kills `proc` and fails with `failure` and the log's end when the output ends or `timeout`
+    seconds pass first.
+    """
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        hit = found(line)
+        if hit:
+            return hit
+    proc.kill()
+    raise AssertionError(f"{failure}:\n" + "".join(lines)[-4000:])
+
+
+# What the experiment tests (tests/experiments) add to TINY_YAML: windows of 32 voxels, every
+# proposal and mark kept (a model trained a few steps scores low) and a short bootstrap.
+EXPERIMENT_SECTIONS = {
+    "inference": {
+        "window_size": [32, 32, 32],
+        "overlap": 0,
+        "score_threshold": 0.0,
+        "max_marks": 20,
+        "window_batch_size": 4,
+    },
+    "model": {"proposals": {"score_threshold": 0.0, "max_proposals": 4, "pre_nms_top_k": 32}},
+    "evaluation": {"bootstrap": 20},
+}
 
 
 def train_command(tmp_path, model_dir, *extra, cache=None) -> list:
@@ -183,6 +237,36 @@ def keras_roundtrip(model, x, path):
     return ref, keras.saving.load_model(path)(x)
 
 
+def identity_like_magnifier(lm, channels, stride=1):
+    """Weights making LocalMagnification `lm` a pure resampler; returns `lm`.
+
+    Each transposed conv averages its 8 taps per channel (stride 1, the table1 variant) or
+    copies them (stride 2), the bottlenecks add zeros, BN and the 1x1x1 are identities
+    (inference mode; inputs must be positive for the ReLUs).
+    """
+    import keras
+
+    lm.build((None, None, None, None, channels))
+    eye = np.eye(channels, dtype="float32")
+    for deconv in lm.deconvs:
+        kernel = np.zeros(deconv.kernel.shape, "float32")  # [2, 2, 2, out, in]
+        kernel[..., :channels] = eye / 8.0 if stride == 1 else eye
+        deconv.kernel.assign(kernel)
+        deconv.bias.assign(np.zeros(channels, "float32"))
+    for layer in lm._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 1.0 - 1e-5, "f4"))
+        elif isinstance(layer, keras.layers.Conv3D) and not isinstance(
+            layer, keras.layers.Conv3DTranspose
+        ):
+            layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    kernel = np.zeros(lm.project.conv.kernel.shape, "float32")
+    kernel[0, 0, 0, :channels, :] = eye
+    lm.project.conv.kernel.assign(kernel)
+    lm.project.conv.bias.assign(np.zeros(channels, "float32"))
+    return lm
+
+
 def cache_meta(
     uid,
     shape,
@@ -228,3 +312,60 @@ def write_cache(cache_dir, n_scans=3, shape=(40, 40, 40), seed=0):
         meta = cache_meta(f"scan{i}", shape, nodules=nodules, subset=i % 10)
         cache_lib.write_entry(str(cache_dir), f"scan{i}", vol, meta)
     return str(cache_dir)
+
+
+def helpers_fixture(*functions, **values):
+    """A session fixture whose value holds `functions` (by their names) and `values` as
+    attributes.
+
+    A conftest hands its helpers to its tests this way, never through ``from conftest import``,
+    which breaks as soon as another test folder has a conftest.py of its own.
+    """
+    namespace = types.SimpleNamespace(**{f.__name__: f for f in functions}, **values)
+
+    @pytest.fixture(scope="session")
+    def fixture():
+        return namespace
+
+    return fixture
+
+
+def csv_rows(path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a CSV file, every field a string."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+def synthetic_dataset(tmp_path_factory, generate_dataset, n_scans, seed, shape):
+    """(root, summary) of a synthetic generator's `generate_dataset` run in a fresh folder."""
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    return root, generate_dataset(root, n_scans, seed=seed, shape=shape)
+
+
+def luna16_scan_paths(root, summary, uid) -> tuple[str, str]:
+    """(scan .mhd, lung mask .mhd) of `uid` in a LUNA16 folder a synthetic generator wrote
+    (`summary` is the generator's)."""
+    return (
+        os.path.join(root, f"subset{summary['subset'][uid]}", f"{uid}.mhd"),
+        os.path.join(root, "seg-lungs-LUNA16", f"{uid}.mhd"),
+    )
+
+
+def chest_body(shape_zyx, spacing_xyz):
+    """The start of a tiny chest phantom: air around a soft-tissue body.
+
+    Returns:
+      (int16 HU [D, H, W]: 40 inside an elliptic body cylinder, -1000 outside;
+      (z, y, x) voxel coordinates in mm from voxel (0, 0, 0), each broadcastable to the shape;
+      (cz, cy, cx) mm, the grid's centre).
+    """
+    d, h, w = shape_zyx
+    sx, sy, sz = spacing_xyz
+    z = (np.arange(d) * sz)[:, None, None]
+    y = (np.arange(h) * sy)[None, :, None]
+    x = (np.arange(w) * sx)[None, None, :]
+    cz, cy, cx = (d - 1) * sz / 2, (h - 1) * sy / 2, (w - 1) * sx / 2
+    body = ((x - cx) / (0.45 * w * sx)) ** 2 + ((y - cy) / (0.4 * h * sy)) ** 2 <= 1.0
+    image = np.where(np.broadcast_to(body, shape_zyx), 40, -1000).astype(np.int16)
+    return image, (z, y, x), (cz, cy, cx)

@@ -60,18 +60,40 @@ def test_roi_align_bench_reports_every_case_and_consistent_speedups():
         assert report["target_10x_fwd_bwd_in_graph_met"] == (worst >= 10.0)
 
 
-def test_inference_bench_per_scan_time_is_windows_times_per_window():
-    report = json.loads(_run_bench("inference.py", "--skip-paper", "--repeats", "1"))
-    (row,) = report["results"]
-    assert row["config"] == "demo_cpu"
-    assert row["timed_windows"] == row["scan_windows"] > 0
-    assert row["seconds_per_scan"] == pytest.approx(
-        row["seconds_per_window"] * row["scan_windows"], rel=0.05, abs=0.05
+def test_inference_bench_times_both_paths_with_consistent_work_counts():
+    report = json.loads(
+        _run_bench(
+            "inference.py",
+            "--skip-paper",
+            "--repeats",
+            "1",
+            "--path",
+            "both",
+            "--scan-shape",
+            "64,96,96",
+        )
     )
-    assert row["gflops_per_scan"] == pytest.approx(
-        row["gflops_per_window"] * row["scan_windows"], rel=0.01
+    tiles, windows = report["results"]
+    scan_voxels = 64 * 96 * 96
+    for row, path in ((tiles, "tiles"), (windows, "windows")):
+        assert (row["config"], row["path"]) == ("demo_cpu", path)
+        assert row["precision"] in ("float32", "bfloat16")
+        assert row["seconds_per_scan"] == min(row["timed_seconds"]) > 0
+        assert row["flop_ops_not_counted"] == 0
+        assert row["achieved_gflop_per_s"] == pytest.approx(
+            row["gflops_per_scan"] / row["seconds_per_scan"], rel=0.05, abs=0.05
+        )
+        assert row["voxel_evaluations_per_scan_voxel"] == pytest.approx(
+            row["evaluated_voxels"] / scan_voxels, abs=1e-3
+        )
+        assert row["peak_rss_mib"] > 0 and report["matmul_gflop_per_s"][row["precision"]] > 0
+    # Windows: 64^3 windows overlapping by 16 over 64 x 96 x 96 (and the all-fill probe).
+    assert windows["evaluated_voxels"] == windows["backbone_calls"] * 64**3
+    assert windows["gflops_per_scan"] == pytest.approx(
+        windows["gflops_per_window"] * windows["backbone_calls"], rel=0.01
     )
-    assert row["flop_ops_not_counted"] == 0
+    # Tiles: every voxel once (64 x 96 x 96 is a multiple of 16), in one tile at this size.
+    assert tiles["backbone_calls"] == 1 and tiles["voxel_evaluations_per_scan_voxel"] <= 1.0
     assert report["peak_rss_mib"] > 0
 
 

@@ -137,7 +137,7 @@ def test_base_is_relative_to_the_file_not_the_working_directory(tmp_path, monkey
 
 
 def test_a_base_of_a_url_config_is_a_url_in_the_same_folder():
-    from tf_agg3d.config import _resolve_base
+    from tf_agg3d.config.yaml_files import _resolve_base
 
     assert _resolve_base("s3://b/configs/luna16/x.yaml", "3d_ag.yaml") == (
         "s3://b/configs/luna16/3d_ag.yaml"

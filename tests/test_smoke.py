@@ -23,6 +23,7 @@ _NEEDS_SERVING_API = (
     "tf_agg3d.serving.dev_server",
     "tf_agg3d.serving.protos",
     "tf_agg3d.serving.servables",
+    "tf_agg3d.serving.servicers",
 )
 
 TINY = [

@@ -46,39 +46,24 @@ import sys
 from absl import flags
 
 from tf_agg3d.cli import exit as cli_exit
+from tf_agg3d.cli import experiment_runs
 from tf_agg3d.cli import flags as cli_flags
 
 FLAGS = flags.FLAGS
-cli_flags.define_config_flags(
-    "YAML experiment config (configs/*.yaml).",
-    "Config override key=value for every fold and stage, e.g. train.max_steps=100.",
-)
 flags.DEFINE_string("cache", None, "Preprocessed LUNA16 cache (sidecars say each scan's subset).")
 flags.DEFINE_string("out", None, "Output folder: fold<k>/ model dirs, the pool, the evaluation.")
 flags.DEFINE_string("folds", None, "Folds to run: '3', '0-9', '0,2,5' (default: the cache's).")
 flags.DEFINE_string(
     "stages", None, "Stages of each fold: rpn,joint[,abs] (default: train.stages or rpn,joint)."
 )
-flags.DEFINE_integer("parallel", 1, "Folds at once, as subprocesses (1: in this process).")
-flags.DEFINE_list("gpus", [], "With --parallel: GPU ids, one per process (round robin).")
+cli_flags.define_experiment_flags(
+    "Folds",
+    "YAML experiment config (configs/*.yaml).",
+    "Config override key=value for every fold and stage, e.g. train.max_steps=100.",
+)
 flags.DEFINE_bool("combine", False, "No training: pool and evaluate the done folds.")
 flags.DEFINE_bool("allow-missing", False, "Pool the done folds even when some are not done.")
 flags.DEFINE_bool("pool", True, "Pool and evaluate after the folds (--no-pool: folds only).")
-flags.DEFINE_string("annotations", None, "annotations.csv (default: what the cache provides).")
-flags.DEFINE_string("excluded", None, "annotations_excluded.csv (default: beside annotations).")
-
-
-def _fold_command(opts, fold: int) -> list[str]:
-    """The child process of ``--parallel`` for one fold (no pooling: the parent pools)."""
-    command = [sys.executable, "-m", "tf_agg3d.crossval", "--cache", opts.cache, "--out", opts.out]
-    command += ["--folds", str(fold), "--nopool"]
-    if opts.config:
-        command += ["--config", opts.config]
-    if opts.stages:
-        command += ["--stages", opts.stages]
-    for override in opts.set:
-        command += ["--set", override]
-    return command
 
 
 def _report(summary: dict) -> None:
@@ -104,72 +89,53 @@ def _report(summary: dict) -> None:
     print(json.dumps(brief, indent=1), flush=True)
 
 
-def _train(cv, opts, folds: list[int]) -> int:
-    """Runs `folds` in this process (or as --parallel children); the exit status."""
-    from tf_agg3d.experiments.crossval import format_folds, run_parallel
+class _Folds(experiment_runs.Runs):
+    """The cross-validation's runs: one per fold."""
 
-    todo = [k for k in folds if not cv.is_done(k)]
-    skipped = [k for k in folds if k not in todo]
-    if skipped:
-        print(f"fold(s) {format_folds(skipped)} already done; skipped", flush=True)
-    if not todo:
-        return cli_exit.OK
-    if opts.parallel > 1:
-        try:
-            results = run_parallel(
-                {k: _fold_command(opts, k) for k in todo}, opts.parallel, gpus=opts.gpus
-            )
-        except KeyboardInterrupt as err:
-            print(f"cross-validation interrupted: {err}; rerun to resume", flush=True)
-            return 143
-        failed = sorted(k for k, code in results.items() if code != 0)
-        if failed:
-            cli_exit.print_error(
-                "error",
-                f"fold(s) {format_folds(failed)} failed "
-                f"({', '.join(f'{k}: {results[k]}' for k in failed)}); rerun to resume them",
-            )
-            return cli_exit.ITEMS_FAILED
-        return cli_exit.OK
+    title = "cross-validation"
 
-    import tensorflow as tf
+    def name(self, fold) -> str:
+        return f"fold {fold}"
 
-    from tf_agg3d.experiments.crossval import FoldFailed
-    from tf_agg3d.training.loop import NonFiniteLossError, TrainingInterrupted, exit_code_for
-    from tf_agg3d.training.strategy import make_strategy
+    def skipped(self, folds) -> str:
+        from tf_agg3d.experiments.crossval import format_folds
 
-    # One strategy for every fold and stage: MultiWorkerMirroredStrategy must exist before
-    # TensorFlow initialises its devices.
-    strategy = make_strategy(cv.base_config.train.distribute)
-    for fold in todo:
-        try:
-            cv.run_fold(fold, strategy=strategy)
-        except TrainingInterrupted as err:
-            print(f"fold {fold}: training interrupted: {err}; rerun to resume", flush=True)
-            return exit_code_for(err)
-        except (NonFiniteLossError, FoldFailed) as err:
-            cli_exit.report(err)
-            return cli_exit.ITEMS_FAILED
-        except tf.errors.OpError as err:  # storage failing mid-run; rerun to resume
-            cli_exit.report(err)
-            return cli_exit.ITEMS_FAILED
-    return cli_exit.OK
+        return f"fold(s) {format_folds(folds)} already done; skipped"
+
+    def command(self, fold) -> list[str]:
+        # No pooling in the child: the parent pools.
+        opts = self.opts
+        command = [sys.executable, "-m", "tf_agg3d.crossval", "--cache", opts.cache]
+        command += ["--out", opts.out, "--folds", str(fold), "--nopool"]
+        if opts.config:
+            command += ["--config", opts.config]
+        if opts.stages:
+            command += ["--stages", opts.stages]
+        for override in opts.set:
+            command += ["--set", override]
+        return command
+
+    def failed(self, statuses) -> str:
+        from tf_agg3d.experiments.crossval import format_folds
+
+        folds = sorted(statuses)
+        codes = ", ".join(f"{k}: {statuses[k]}" for k in folds)
+        return f"fold(s) {format_folds(folds)} failed ({codes}); rerun to resume them"
+
+    def distribute(self, fold) -> str:
+        return self.experiment.base_config.train.distribute
+
+    def train(self, fold, strategy) -> None:
+        self.experiment.run_fold(fold, strategy=strategy)
 
 
 def main(argv: list[str]) -> int:
     """The command's body (flags already parsed): returns the exit status."""
-    if len(argv) > 1:
-        raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli_flags.require("cache", "out")
-    opts = cli_flags.values()
-    if opts.parallel < 1:
-        raise cli_exit.UsageError(f"--parallel must be >= 1, got {opts.parallel}")
-    if opts.gpus and opts.parallel < 2:
-        raise cli_exit.UsageError("--gpus needs --parallel N (N >= 2)")
+    opts = experiment_runs.checked_options(argv, "cache", "out")
     if opts.combine and not opts.pool:
         raise cli_exit.UsageError("--combine pools; it cannot be given with --no-pool")
     from tf_agg3d.experiments.crossval import CrossValidation, format_folds, parse_folds
-    from tf_agg3d.utils.io import ensure_filesystems
+    from tf_agg3d.utils.filesystems import ensure_filesystems
 
     ensure_filesystems(opts.cache, opts.out, opts.config, opts.annotations, opts.excluded)
     # Errors before any work (ConfigError, CrossvalError, DataError: all ValueErrors) end with
@@ -186,7 +152,7 @@ def main(argv: list[str]) -> int:
             f"{','.join(cv.stages)}" + (f", {opts.parallel} at once" if opts.parallel > 1 else ""),
             flush=True,
         )
-        status = _train(cv, opts, folds)
+        status = _Folds(opts, cv).run(folds)
         if status != cli_exit.OK or not opts.pool:
             return status
         expected = cv.cache_folds()

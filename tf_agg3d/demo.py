@@ -24,7 +24,7 @@ from absl import flags
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
 from tf_agg3d.cli.demo_steps import Demo
-from tf_agg3d.utils.io import atomic_write_text
+from tf_agg3d.utils.atomic_write import atomic_write_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "demo_out", "Folder for every artefact of the demo.")

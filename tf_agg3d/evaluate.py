@@ -34,8 +34,7 @@ from absl import flags, logging
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
 from tf_agg3d.cli import output as cli_output
-from tf_agg3d.config import ConfigError, EvalConfig
-from tf_agg3d.data.errors import DataError
+from tf_agg3d.config import EvalConfig
 
 FLAGS = flags.FLAGS
 
@@ -164,9 +163,9 @@ def main(argv: list[str]) -> int:
             _run_ensemble(opts)
         else:
             _run_evaluate(opts)
-    except cli_exit.UsageError:
-        raise
-    except (DataError, ConfigError, ValueError, OSError) as err:
+    except OSError as err:
+        # An unreadable input or unwritable output is the caller's to fix, like the input
+        # errors (ConfigError, DataError, ValueError) cli_exit.call ends with status 2.
         cli_exit.report(err)
         return cli_exit.USAGE
     return cli_exit.OK

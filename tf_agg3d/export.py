@@ -64,7 +64,8 @@ def main(argv) -> int:
     from tf_agg3d.serving.errors import ExportError
     from tf_agg3d.serving.models_config import ServedModel, write_models_config
     from tf_agg3d.serving.publishing import export_from_checkpoint
-    from tf_agg3d.utils.io import ensure_filesystems, is_url, join
+    from tf_agg3d.utils.files import join
+    from tf_agg3d.utils.filesystems import ensure_filesystems, is_url
 
     if not opts.export_base:
         raise cli_exit.UsageError("--export-base is required")
@@ -116,10 +117,14 @@ def main(argv) -> int:
     except CheckpointNotFoundError as err:  # none there, or an unreadable (corrupt) one
         cli_exit.report(err)
         return cli_exit.USAGE
-    except (ExportError, ConfigError, DataError, FileNotFoundError, ValueError) as err:
-        cli_exit.report(err)
-        return cli_exit.ITEMS_FAILED
-    except tf.errors.OpError as err:  # storage errors: permissions, an unreachable endpoint
+    except (
+        ExportError,
+        ConfigError,
+        DataError,
+        FileNotFoundError,
+        ValueError,
+        tf.errors.OpError,  # storage errors: permissions, an unreachable endpoint
+    ) as err:
         cli_exit.report(err)
         return cli_exit.ITEMS_FAILED
     return cli_exit.OK

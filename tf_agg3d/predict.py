@@ -95,7 +95,7 @@ def main(argv) -> int:
         raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
     opts = cli_flags.values()
     subsets = _check_usage(opts)
-    from tf_agg3d.utils.io import ensure_filesystems
+    from tf_agg3d.utils.filesystems import ensure_filesystems
 
     # Before the model load: a missing tensorflow-io is reported at once, not after it.
     ensure_filesystems(
@@ -111,7 +111,7 @@ def main(argv) -> int:
 
     from tf_agg3d.data.errors import DataError
     from tf_agg3d.data.luna16.csv_io import write_predictions
-    from tf_agg3d.inference.jobs import prediction_jobs
+    from tf_agg3d.inference.jobs import prediction_jobs, run_jobs
     from tf_agg3d.inference.predictor import Predictor
 
     try:
@@ -128,26 +128,20 @@ def main(argv) -> int:
         cli_exit.report(err)
         return cli_exit.USAGE
     inf = config.inference
+    if inf.mode == "tiles":
+        coverage = f"whole-scan tiles within {inf.memory_budget_mb} MB"
+    else:
+        coverage = (
+            f"windows {'x'.join(str(n) for n in inf.window_size)} "
+            f"overlap {inf.overlap} batch {inf.window_batch_size}"
+        )
+    unit = "tile(s)" if inf.mode == "tiles" else "windows"
     note(
-        f"predicting {len(jobs)} scan(s): windows {'x'.join(str(n) for n in inf.window_size)} "
-        f"overlap {inf.overlap} batch {inf.window_batch_size}, threshold "
+        f"predicting {len(jobs)} scan(s): {coverage}, precision {inf.precision}, threshold "
         f"{inf.score_threshold:.4g}, max marks {inf.max_marks}"
     )
-    rows, failed = [], []
     start = time.perf_counter()
-    for n, (label, job) in enumerate(jobs, start=1):
-        try:
-            uid, findings = job(predictor)
-        except Exception as err:  # noqa: BLE001 - one bad scan must not stop the others
-            failed.append(label)
-            note(f"[{n}/{len(jobs)}] {label} FAILED: {type(err).__name__}: {err}")
-            continue
-        stats = predictor.last_stats
-        note(
-            f"[{n}/{len(jobs)}] {uid}: {stats.num_windows} windows, {stats.seconds:.1f} s, "
-            f"{len(findings)} findings"
-        )
-        rows.extend(f.as_row(uid) for f in findings)
+    rows, failed = run_jobs(jobs, predictor, note, unit=unit)
     try:
         write_predictions(opts.out, rows)
     except (DataError, OSError, tf.errors.OpError) as err:
@@ -156,7 +150,7 @@ def main(argv) -> int:
     note(
         f"wrote {len(rows)} findings of {len(jobs) - len(failed)} scan(s) to {opts.out} in "
         f"{time.perf_counter() - start:.1f} s; {len(failed)} failed"
-        + (f": {', '.join(failed)}" if failed else "")
+        + (f": {', '.join(label for label, _ in failed)}" if failed else "")
     )
     return cli_exit.ITEMS_FAILED if failed else cli_exit.OK
 

@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {argv[1:]}")
     from tf_agg3d.training.checks import validate_training_config
-    from tf_agg3d.utils.io import ensure_filesystems
+    from tf_agg3d.utils.filesystems import ensure_filesystems
 
     opts = cli_flags.values()
     # Before any work: a missing tensorflow-io, a bad config (ConfigError, DataError) are

@@ -24,6 +24,7 @@ EXPECTED = {
     "agg3d-synthetic-luna16",
     "agg3d-synthetic-deeplesion",
     "agg3d-crossval",
+    "agg3d-ablate",
     "agg3d-beam-preprocess",
     "agg3d-beam-predict",
 }

@@ -7,11 +7,11 @@ soon as another test folder has a conftest.py of its own).
 from __future__ import annotations
 
 import os
-import types
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from support import chest_body, helpers_fixture
 
 # (spacing xyz, origin xyz, direction row-major 3x3): the geometries the coordinate tests use.
 GEOMETRIES = {
@@ -70,12 +70,7 @@ def chest_phantom(shape_zyx, spacing, sphere_zyx_mm=None, sphere_d_mm=0.0, seed=
     rng = np.random.default_rng(seed)
     d, h, w = shape_zyx
     sx, sy, sz = spacing
-    z = (np.arange(d) * sz)[:, None, None]
-    y = (np.arange(h) * sy)[None, :, None]
-    x = (np.arange(w) * sx)[None, None, :]
-    cz, cy, cx = (d - 1) * sz / 2, (h - 1) * sy / 2, (w - 1) * sx / 2
-    body = ((x - cx) / (0.45 * w * sx)) ** 2 + ((y - cy) / (0.4 * h * sy)) ** 2 <= 1.0
-    image = np.broadcast_to(np.where(body, 40, -1000), shape_zyx).astype(np.int16).copy()
+    image, (z, y, x), (cz, cy, cx) = chest_body(shape_zyx, spacing)
     labels = np.zeros(shape_zyx, np.uint8)
     for side, label in ((-1, 3), (1, 4)):
         lx = cx + side * 0.2 * w * sx
@@ -101,12 +96,4 @@ def geometry(request):
     return request.param, spacing, origin, direction
 
 
-@pytest.fixture
-def scans():
-    """The helpers: GEOMETRIES, make_image, write_mhd, chest_phantom."""
-    return types.SimpleNamespace(
-        GEOMETRIES=GEOMETRIES,
-        make_image=make_image,
-        write_mhd=write_mhd,
-        chest_phantom=chest_phantom,
-    )
+scans = helpers_fixture(make_image, write_mhd, chest_phantom, GEOMETRIES=GEOMETRIES)

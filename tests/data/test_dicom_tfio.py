@@ -16,7 +16,7 @@ from tf_agg3d.data.errors import DataError
 from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
 from tf_agg3d.data.readers import dicom_tfio
 from tf_agg3d.data.readers.sitk import read_scan
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils.filesystems import ensure_filesystem
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dicom_series_writer import oblique_direction, write_ct_series  # noqa: E402
@@ -201,7 +201,7 @@ def test_tfio_backend_without_tfio_names_the_extra(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install tf_agg3d\[io\]"):
         read_scan(folder, dicom_backend="tfio")
     with pytest.raises(ImportError, match=r"pip install tf_agg3d\[io\]"):
-        uio.ensure_filesystem("s3://bucket/x")
+        ensure_filesystem("s3://bucket/x")
 
 
 def test_unknown_backend_is_rejected(tmp_path):
@@ -213,7 +213,7 @@ def test_package_imports_without_loading_tensorflow_io():
     code = (
         "import sys\n"
         "import tf_agg3d.data.readers.sitk, tf_agg3d.data.readers.dicom_tfio, tf_agg3d.data.cache\n"
-        "import tf_agg3d.data.preprocessing.runner, tf_agg3d.utils.io, tf_agg3d.utils.process\n"
+        "import tf_agg3d.data.preprocessing.runner, tf_agg3d.utils.files, tf_agg3d.utils.process\n"
         "assert 'tensorflow_io' not in sys.modules, 'tensorflow_io imported eagerly'\n"
     )
     done = subprocess.run(

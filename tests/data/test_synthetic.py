@@ -7,17 +7,16 @@ coordinate mistake in the generator cannot be mirrored by the test.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from support import csv_rows, luna16_scan_paths, run_module, synthetic_dataset
 
-from tf_agg3d.data.synthetic import luna16 as synthetic
+from tf_agg3d.data.synthetic import default_profile, luna16
+from tf_agg3d.data.synthetic.scan_frame import FLIPS
 from tf_agg3d.data.synthetic.writers import write_metaimage
 
 SEED = 7
@@ -29,28 +28,12 @@ BRIGHT_HU = -300
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("luna16"))
-    summary = synthetic.generate_dataset(root, N_SCANS, seed=SEED, shape=SHAPE)
-    return root, summary
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], rows[1:]
+    return synthetic_dataset(tmp_path_factory, luna16.generate_dataset, N_SCANS, SEED, SHAPE)
 
 
 def _read(path):
     image = sitk.ReadImage(path)
     return image, sitk.GetArrayFromImage(image)
-
-
-def _scan_paths(root, summary, uid):
-    subset = summary["subset"][uid]
-    return (
-        os.path.join(root, f"subset{subset}", f"{uid}.mhd"),
-        os.path.join(root, "seg-lungs-LUNA16", f"{uid}.mhd"),
-    )
 
 
 def _voxel(image, xyz):
@@ -115,7 +98,7 @@ def test_layout_file_names_and_csv_headers(dataset):
     masks = {f"{u}.{e}" for u in uids for e in ("mhd", "zraw")}
     assert set(os.listdir(os.path.join(root, "seg-lungs-LUNA16"))) == masks
     for uid in uids:
-        scan, mask = _scan_paths(root, summary, uid)
+        scan, mask = luna16_scan_paths(root, summary, uid)
         with open(scan) as f:
             header = f.read()
         assert "ElementType = MET_SHORT" in header
@@ -127,17 +110,17 @@ def test_layout_file_names_and_csv_headers(dataset):
 
     with open(os.path.join(root, "seriesuids.csv")) as f:
         assert f.read().splitlines() == uids
-    header, ann = _rows(os.path.join(root, "annotations.csv"))
+    header, ann = csv_rows(os.path.join(root, "annotations.csv"))
     assert header == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
     assert len(ann) == summary["n_nodules"] > 0
     assert {r[0] for r in ann} <= set(uids)
     diameters = np.array([float(r[4]) for r in ann])
     assert diameters.min() >= 3.0 and diameters.max() <= 30.0
-    header, exc = _rows(os.path.join(root, "annotations_excluded.csv"))
+    header, exc = csv_rows(os.path.join(root, "annotations_excluded.csv"))
     assert header == ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
     exc_d = [float(r[4]) for r in exc]
     assert -1.0 in exc_d and any(0 < d < 3 for d in exc_d)
-    header, cand = _rows(os.path.join(root, "candidates.csv"))
+    header, cand = csv_rows(os.path.join(root, "candidates.csv"))
     assert header == ["seriesuid", "coordX", "coordY", "coordZ", "class"]
     assert {r[4] for r in cand} == {"0", "1"}
     positives = {(r[0], r[1], r[2], r[3]) for r in cand if r[4] == "1"}
@@ -150,7 +133,7 @@ def test_geometry_read_back_as_intended(dataset):
     root, summary = dataset
     kinds = set()
     for uid in summary["uids"]:
-        scan_path, mask_path = _scan_paths(root, summary, uid)
+        scan_path, mask_path = luna16_scan_paths(root, summary, uid)
         image, array = _read(scan_path)
         mask, labels = _read(mask_path)
         assert image.GetPixelID() == sitk.sitkInt16 and mask.GetPixelID() == sitk.sitkUInt8
@@ -177,7 +160,7 @@ def test_geometry_read_back_as_intended(dataset):
 def test_explicit_geometry_round_trips(tmp_path):
     rng = np.random.default_rng(3)
     direction = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
-    volume, mask, origin, spacing, got_dir, nodules = synthetic.make_scan(
+    volume, mask, origin, spacing, got_dir, nodules = default_profile.make_scan(
         rng,
         shape=(40, 96, 128),
         spacing=(0.7, 0.7, 2.0),
@@ -199,13 +182,13 @@ def test_explicit_geometry_round_trips(tmp_path):
 
 
 def _check_annotations_land_on_nodules(root, summary, uids):
-    _, ann = _rows(os.path.join(root, "annotations.csv"))
+    _, ann = csv_rows(os.path.join(root, "annotations.csv"))
     checked = 0
     for uid in uids:
         rows = [r for r in ann if r[0] == uid]
         if not rows:
             continue
-        scan_path, mask_path = _scan_paths(root, summary, uid)
+        scan_path, mask_path = luna16_scan_paths(root, summary, uid)
         image, array = _read(scan_path)
         mask, labels = _read(mask_path)
         for r in rows:
@@ -229,17 +212,17 @@ def test_annotations_land_on_bright_lung_voxels_flipped_scans(dataset):
     flipped = summary["flipped_uids"]
     assert _check_annotations_land_on_nodules(root, summary, flipped) >= 1
     # The flips matter: ignoring the direction puts a centre outside the volume.
-    _, ann = _rows(os.path.join(root, "annotations.csv"))
+    _, ann = csv_rows(os.path.join(root, "annotations.csv"))
     for r in (r for r in ann if r[0] in flipped):
         origin = np.asarray(summary["origin"][r[0]])
         naive = (np.asarray([float(v) for v in r[1:4]]) - origin) / summary["spacing"][r[0]]
         assert naive.min() < -0.5
 
 
-@pytest.mark.parametrize("flip", [(1, 1, 1), *synthetic.FLIPS])
+@pytest.mark.parametrize("flip", [(1, 1, 1), *FLIPS])
 def test_every_flip_writes_correct_world_annotations(tmp_path, flip):
     direction = tuple(float(v) for v in np.diag(np.asarray(flip, float)).ravel())
-    scan = synthetic.synthesize_scan(
+    scan = default_profile.synthesize_scan(
         np.random.default_rng(11), shape=(40, 96, 96), direction=direction, diameters=[10.0, 6.0]
     )
     assert len(scan.nodules) == 2
@@ -258,13 +241,13 @@ def test_solid_nodule_diameters_match_annotations(dataset):
         big_solid = [n for n in nodules if n["kind"] == "solid" and n["d"] >= 6.0]
         if not big_solid:
             continue
-        image, array = _read(_scan_paths(root, summary, uid)[0])
+        image, array = _read(luna16_scan_paths(root, summary, uid)[0])
         for n in big_solid:
             d, isolated = _measured_diameter(image, array, (n["x"], n["y"], n["z"]), n["d"])
             assert isolated, (uid, n)
             measured.append((n["d"], d))
     # Full-size scan with large nodules, written and read back like the dataset.
-    scan = synthetic.synthesize_scan(
+    scan = default_profile.synthesize_scan(
         np.random.default_rng(5),
         shape=(64, 256, 256),
         diameters=[24.0, 14.0],
@@ -282,7 +265,7 @@ def test_solid_nodule_diameters_match_annotations(dataset):
 
 
 def test_part_solid_nodules_have_a_smaller_solid_core():
-    scan = synthetic.synthesize_scan(
+    scan = default_profile.synthesize_scan(
         np.random.default_rng(2), shape=(48, 160, 160), diameters=[16.0], part_solid_fraction=1.0
     )
     assert scan.nodule_kinds == ("part-solid",)
@@ -295,7 +278,7 @@ def test_part_solid_nodules_have_a_smaller_solid_core():
 
 def test_negative_patients_exist(dataset):
     root, summary = dataset
-    _, ann = _rows(os.path.join(root, "annotations.csv"))
+    _, ann = csv_rows(os.path.join(root, "annotations.csv"))
     annotated = {r[0] for r in ann}
     negatives = set(summary["negative_uids"])
     assert 1 <= len(negatives) <= 4
@@ -305,10 +288,10 @@ def test_negative_patients_exist(dataset):
 
 def test_vessels_exist_far_from_nodules(dataset):
     root, summary = dataset
-    _, ann = _rows(os.path.join(root, "annotations.csv"))
-    _, exc = _rows(os.path.join(root, "annotations_excluded.csv"))
+    _, ann = csv_rows(os.path.join(root, "annotations.csv"))
+    _, exc = csv_rows(os.path.join(root, "annotations_excluded.csv"))
     for uid in summary["uids"]:
-        scan_path, mask_path = _scan_paths(root, summary, uid)
+        scan_path, mask_path = luna16_scan_paths(root, summary, uid)
         image, array = _read(scan_path)
         _, labels = _read(mask_path)
         spacing = np.asarray(image.GetSpacing())[::-1]
@@ -339,7 +322,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     runs = {}
     for name, seed in (("a", 4), ("b", 4), ("c", 5)):
         runs[name] = str(tmp_path / name)
-        synthetic.generate_dataset(runs[name], 3, seed=seed, shape=shape)
+        luna16.generate_dataset(runs[name], 3, seed=seed, shape=shape)
     a, b, c = (_tree(runs[k]) for k in "abc")
     assert sorted(a) == sorted(b) and len(a) == 3 * 4 + 4
     for rel, path in a.items():
@@ -355,31 +338,21 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         assert fa.read() != fc.read()
     # Re-running with the same arguments leaves every file untouched.
     mtimes = {rel: os.stat(p).st_mtime_ns for rel, p in a.items()}
-    synthetic.generate_dataset(runs["a"], 3, seed=4, shape=shape)
+    luna16.generate_dataset(runs["a"], 3, seed=4, shape=shape)
     assert {rel: os.stat(p).st_mtime_ns for rel, p in _tree(runs["a"]).items()} == mtimes
 
 
 def test_cli_and_refusal_to_mix_datasets(tmp_path):
     out = str(tmp_path / "cli")
-    cmd = [
-        sys.executable,
-        "-m",
-        "tf_agg3d.data.synthetic",
-        "--out",
-        out,
-        "--n-scans",
-        "2",
-        "--shape",
-        "24,64,64",
-    ]
-    ok = subprocess.run([*cmd, "--seed", "1"], capture_output=True, text=True)
+    args = ("tf_agg3d.data.synthetic", "--out", out, "--n-scans", 2, "--shape", "24,64,64")
+    ok = run_module(*args, "--seed", 1)
     assert ok.returncode == 0, ok.stderr
     with open(os.path.join(out, "seriesuids.csv")) as f:
         first = f.read().split()
     assert len(first) == 2 and "wrote 2 scans" in ok.stdout
-    refused = subprocess.run([*cmd, "--seed", "2"], capture_output=True, text=True)
+    refused = run_module(*args, "--seed", 2)
     assert refused.returncode == 2 and "overwrite" in refused.stderr
-    forced = subprocess.run([*cmd, "--seed", "2", "--overwrite"], capture_output=True, text=True)
+    forced = run_module(*args, "--seed", 2, "--overwrite")
     assert forced.returncode == 0, forced.stderr
     with open(os.path.join(out, "seriesuids.csv")) as f:
         second = f.read().split()

@@ -14,27 +14,24 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
-from support import PYTHON, REPO, subprocess_env, tiny_config_file, write_cache
+from support import (
+    EXPERIMENT_SECTIONS,
+    PYTHON,
+    REPO,
+    read_until,
+    subprocess_env,
+    tiny_config_file,
+    write_cache,
+)
 
+from tf_agg3d.cli.demo_steps import evaluate_args
 from tf_agg3d.data.cache import cache_voxel_to_world
 from tf_agg3d.data.luna16 import csv_io
 from tf_agg3d.experiments import crossval as cv_lib
 
-SECTIONS = {
-    "inference": {
-        "window_size": [32, 32, 32],
-        "overlap": 0,
-        "score_threshold": 0.0,
-        "max_marks": 20,
-        "window_batch_size": 4,
-    },
-    "model": {"proposals": {"score_threshold": 0.0, "max_proposals": 4, "pre_nms_top_k": 32}},
-    "evaluation": {"bootstrap": 20},
-}
 STAGES = "rpn,joint"
 
 
@@ -60,7 +57,7 @@ def dataset(tmp_path_factory):
         "root": root,
         "luna": luna,
         "cache": cache,
-        "config": tiny_config_file(root, SECTIONS),
+        "config": tiny_config_file(root, EXPERIMENT_SECTIONS),
         "subset": summary["subset"],
     }
 
@@ -169,25 +166,9 @@ def test_pooled_froc_equals_evaluate_on_the_pooled_csv(dataset, one_run, tmp_pat
     summary = _json(os.path.join(out, "summary.json"))
     luna = dataset["luna"]
     assert summary["annotations"]["annotations"] == os.path.join(luna, "annotations.csv")
-    code, log = _run(
-        [
-            PYTHON,
-            "-m",
-            "tf_agg3d.evaluate",
-            "--annotations",
-            os.path.join(luna, "annotations.csv"),
-            "--excluded",
-            os.path.join(luna, "annotations_excluded.csv"),
-            "--predictions",
-            os.path.join(out, "predictions.csv"),
-            "--seriesuids",
-            os.path.join(out, "seriesuids.csv"),
-            "--bootstrap",
-            "20",
-            "--out",
-            str(tmp_path / "eval"),
-        ]
-    )
+    predictions, uids = os.path.join(out, "predictions.csv"), os.path.join(out, "seriesuids.csv")
+    evaluate = evaluate_args(luna, predictions, uids, str(tmp_path / "eval"), "--bootstrap", "20")
+    code, log = _run([PYTHON, "-m", *evaluate])
     assert code == 0, log[-3000:]
     reference = _json(tmp_path / "eval" / "summary.json")
     for key in ("froc_score", "sensitivities", "froc_ci", "ci_lower", "ci_upper", "scans"):
@@ -208,16 +189,7 @@ def test_pooled_froc_equals_evaluate_on_the_pooled_csv(dataset, one_run, tmp_pat
 
 
 def _wait_for(proc, pattern, lines, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if pattern in line:
-            return
-    proc.kill()
-    raise AssertionError(f"never saw {pattern!r}:\n" + "".join(lines)[-4000:])
+    read_until(proc, lambda line: pattern in line, lines, timeout, f"never saw {pattern!r}")
 
 
 @pytest.mark.slow
@@ -406,7 +378,7 @@ def _bad(dataset, out, *extra):
 
 def test_bad_inputs_end_with_one_line_and_status_2(tmp_path):
     cache = write_cache(tmp_path / "cache", n_scans=3)
-    config = tiny_config_file(tmp_path, SECTIONS)
+    config = tiny_config_file(tmp_path, EXPERIMENT_SECTIONS)
     dataset = {"cache": cache, "config": config}
     out = tmp_path / "out"
     assert "cannot read '0-x'" in _bad(dataset, out, "--folds", "0-x")

@@ -237,7 +237,8 @@ def test_cli_on_a_cache_writes_the_csv_and_goes_on_after_a_failing_scan(tmp_path
     # Untrained weights at threshold 0 propose plenty: the cut to --max-marks is what limits.
     assert per_scan == {"scan.a": 5, "scan.b": 5}
     assert "broken" in proc.stderr and "FAILED" in proc.stderr and "missing" in proc.stderr
-    assert "scan.a: 4 windows" in proc.stderr
+    # inference.mode is tiles by default: scan.a is one stem tile (it was 2 x 2 x 1 windows).
+    assert "scan.a: 1 tile(s)" in proc.stderr
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from support import identity_like_magnifier
 
 from tf_agg3d.layers.dense_block import DenseBlock, DenseLayer, Transition
 from tf_agg3d.layers.diameter_alignment import (
@@ -165,31 +166,6 @@ def test_local_magnification_defaults_to_table1_and_old_configs_load_as_patch():
         LocalMagnification(deconv_stride=3)
 
 
-def _identity_like(lm, channels, stride):
-    """Weights making `lm` a pure resampler: each transposed conv averages (stride 1) or copies
-    (stride 2) its taps per channel, the bottlenecks add zeros, BN and the 1x1x1 are identities
-    (inference mode; inputs must be positive for the ReLUs)."""
-    lm.build((None, None, None, None, channels))
-    eye = np.eye(channels, dtype="float32")
-    for deconv in lm.deconvs:
-        kernel = np.zeros(deconv.kernel.shape, "float32")  # [2, 2, 2, out, in]
-        kernel[..., :channels] = eye / 8.0 if stride == 1 else eye
-        deconv.kernel.assign(kernel)
-        deconv.bias.assign(np.zeros(channels, "float32"))
-    for layer in lm._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 1.0 - 1e-5, "f4"))
-        elif isinstance(layer, keras.layers.Conv3D) and not isinstance(
-            layer, keras.layers.Conv3DTranspose
-        ):
-            layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
-    kernel = np.zeros(lm.project.conv.kernel.shape, "float32")
-    kernel[0, 0, 0, :channels, :] = eye
-    lm.project.conv.kernel.assign(kernel)
-    lm.project.conv.bias.assign(np.zeros(channels, "float32"))
-    return lm
-
-
 def _affine_field(n, origin=(0.0, 0.0, 0.0)):
     """[1, n, n, n, 3]: per cell, its centre's continuous coordinate (j + 0.5) + 10 per axis
     plus `origin` (all positive, so the identity-like ReLUs pass them)."""
@@ -205,7 +181,7 @@ def test_table1_magnifier_coordinate_map_on_an_affine_field(stages):
     scale 1 and offset stages / 2; checked on every output cell whose receptive field lies inside
     the input (the others also see the zeros beyond the crop)."""
     n = 7
-    lm = _identity_like(
+    lm = identity_like_magnifier(
         LocalMagnification(
             num_stages=stages, layers_per_stage=1, growth_rate=2, bottleneck_width=1
         ),
@@ -223,7 +199,7 @@ def test_table1_magnifier_coordinate_map_on_an_affine_field(stages):
     expected = np.stack([z, y, x], -1)
     np.testing.assert_allclose(out[inner, inner, inner], expected[inner, inner, inner], atol=1e-4)
     # Table I: a 3^3 crop gives the 5^3 "Magnify Output"; its centre cell is the crop's centre.
-    lm3 = _identity_like(
+    lm3 = identity_like_magnifier(
         LocalMagnification(num_stages=2, layers_per_stage=1, growth_rate=2, bottleneck_width=1),
         3,
         1,
@@ -235,7 +211,7 @@ def test_table1_magnifier_coordinate_map_on_an_affine_field(stages):
 
 def test_patch_magnifier_coordinate_map_on_an_affine_field():
     """Stride-2 stages: input cell [j, j+1) becomes output cells [4j, 4j + 4), u = 4 v."""
-    lm = _identity_like(
+    lm = identity_like_magnifier(
         LocalMagnification(
             num_stages=2, layers_per_stage=1, growth_rate=2, bottleneck_width=1, deconv_stride=2
         ),

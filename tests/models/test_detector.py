@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import SMALL_BACKBONE, keras_roundtrip
+from support import SMALL_BACKBONE, identity_like_magnifier, keras_roundtrip
 
 from tf_agg3d.backbones.dense_unet3d import DenseUNet3D
 from tf_agg3d.config import (
@@ -145,31 +145,6 @@ class _CaptureHead(keras.layers.Layer):
         return tf.reduce_sum(x, axis=-1)
 
 
-def _identity_like(lm, channels):
-    """Weights making a table1 LocalMagnification a pure resampler: each stride-1 transposed
-    conv averages its 8 taps per channel, the bottlenecks add zeros, BN and the 1x1x1 are
-    identities (inference mode; inputs must be positive for the ReLUs)."""
-    lm.build((None, None, None, None, channels))
-    eye = np.eye(channels, dtype="float32")
-    for deconv in lm.deconvs:
-        kernel = np.zeros(deconv.kernel.shape, "float32")  # [2, 2, 2, out, in]
-        kernel[..., :channels] = eye / 8.0
-        deconv.kernel.assign(kernel)
-        deconv.bias.assign(np.zeros(channels, "float32"))
-    for layer in lm._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 1.0 - 1e-5, "f4"))
-        elif isinstance(layer, keras.layers.Conv3D) and not isinstance(
-            layer, keras.layers.Conv3DTranspose
-        ):
-            layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
-    kernel = np.zeros(lm.project.conv.kernel.shape, "float32")
-    kernel[0, 0, 0, :channels, :] = eye
-    lm.project.conv.kernel.assign(kernel)
-    lm.project.conv.bias.assign(np.zeros(channels, "float32"))
-    return lm
-
-
 # (magnify_mode, crop cells, magnifier): the patch variant (x4), the table1 variant's map on a
 # large crop, Table I's own 3^3 -> 5^3 (aligned crops fit it), and the real table1 layer with
 # identity-like weights (a 9^3 crop, so every RoI Align sample sees only cells fed by the crop).
@@ -181,7 +156,7 @@ MAGNIFIERS = {
     "table1_real": (
         "table1",
         9,
-        lambda: _identity_like(
+        lambda: identity_like_magnifier(
             LocalMagnification(layers_per_stage=1, growth_rate=2, bottleneck_width=1), 3
         ),
     ),
@@ -298,6 +273,22 @@ def test_detectors_saved_before_magnify_mode_load_as_the_patch_variant():
     assert clone.magnify_input_cells == 4
 
 
+def _anchor_targets(det, cfg, gt) -> dict:
+    """RPN targets of ground-truth boxes `gt` [G, 4] in a 32^3 volume, batched: {s: (lab, dl)}."""
+    anchors = multilevel_anchors((32, 32, 32), det.strides, cfg.anchors.sizes)
+    targets = assign_anchor_targets(gt, anchors)
+    return {s: (lab[None], dl[None]) for s, (lab, dl) in targets.items()}
+
+
+def _joint_loss(det, x, gt, targets):
+    """One training forward pass: the joint RPN + FPR loss and the RPN's loss terms."""
+    out = det(x, training=True)
+    rpn = RPNLoss()(out["rpn_logits"], out["rpn_deltas"], targets, step=0)
+    labels = assign_proposal_labels(out["boxes"][0], gt, 0.3, 0.1)[None]
+    fpr = combine_fpr_terms(fpr_loss_terms(labels, out["fpr_logits"], out["valid"]))
+    return rpn["rpn_loss"] + fpr["fpr_loss"], rpn
+
+
 def test_single_scale_end_to_end():
     """Table II rows a/b (our reading): one RPN head on stride 4 with all six anchor1 sizes;
     the backbone still gives every level and the FPRN aggregates all three."""
@@ -314,16 +305,10 @@ def test_single_scale_end_to_end():
     assert det.fpr_head.hidden[0].kernel.shape[0] == 3 * 8 * 8  # 3 levels x C x 2^3
     # Targets on the one anchor level, a joint loss, and gradients reaching the backbone.
     gt = tf.constant([[12.0, 14.0, 18.0, 7.0], [20.0, 16.0, 12.0, 20.0]])
-    anchors = multilevel_anchors((32, 32, 32), det.strides, cfg.anchors.sizes)
-    targets = assign_anchor_targets(gt, anchors)
+    targets = _anchor_targets(det, cfg, gt)
     assert sorted(targets) == [4]
-    targets = {s: (lab[None], dl[None]) for s, (lab, dl) in targets.items()}
     with tf.GradientTape() as tape:
-        out = det(x, training=True)
-        rpn = RPNLoss()(out["rpn_logits"], out["rpn_deltas"], targets, step=0)
-        labels = assign_proposal_labels(out["boxes"][0], gt, 0.3, 0.1)[None]
-        fpr = combine_fpr_terms(fpr_loss_terms(labels, out["fpr_logits"], out["valid"]))
-        loss = rpn["rpn_loss"] + fpr["fpr_loss"]
+        loss, rpn = _joint_loss(det, x, gt, targets)
     assert np.isfinite(loss.numpy()) and rpn["cls_n_pos"].numpy() >= 2
     grads = tape.gradient(loss, det.backbone.trainable_variables)
     assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)
@@ -339,18 +324,24 @@ def test_single_scale_end_to_end():
                 det.classify(feats, props["boxes"], props["levels"], props["valid"])
             )
         assert np.abs(tape.gradient(total, feats[s]).numpy()).sum() > 0, s
-    # Whole-scan inference over several windows.
+    # Whole-scan inference over several windows, and in one pass (tiles).
     from tf_agg3d.models.whole_scan import WholeScanDetector
 
-    scan = WholeScanDetector(
-        det,
-        InferenceConfig(
-            window_size=(32, 32, 32), overlap=8, score_threshold=0.0, max_proposals_per_scan=20
-        ),
-    )
-    found = scan.detect(tf.constant(volume(40, batch=1)[0, ..., 0].astype("int16")))
-    assert int(found["num_windows"]) == 8 and int(found["num_detections"]) >= 1
-    assert np.all(np.isfinite(found["scores"].numpy()))
+    for mode, calls in (("windows", 8), ("tiles", 1)):
+        scan = WholeScanDetector(
+            det,
+            InferenceConfig(
+                window_size=(32, 32, 32),
+                overlap=8,
+                score_threshold=0.0,
+                max_proposals_per_scan=20,
+                mode=mode,
+                precision="float32",
+            ),
+        )
+        found = scan.detect(tf.constant(volume(40, batch=1)[0, ..., 0].astype("int16")))
+        assert int(found["num_windows"]) == calls and int(found["num_detections"]) >= 1
+        assert np.all(np.isfinite(found["scores"].numpy()))
 
 
 def test_anchor_strides_must_be_backbone_strides_with_one_size_list_each():
@@ -417,18 +408,12 @@ def test_user_rpn_head_trains_one_joint_step():
     assert all(isinstance(h, DeeperRPNHead) for h in det.rpn_heads)
     x = volume(32, batch=1)
     gt = tf.constant([[12.0, 14.0, 18.0, 7.0]])
-    anchors = multilevel_anchors((32, 32, 32), det.strides, cfg.anchors.sizes)
-    targets = assign_anchor_targets(gt, anchors)
-    targets = {s: (lab[None], dl[None]) for s, (lab, dl) in targets.items()}
+    targets = _anchor_targets(det, cfg, gt)
     det(x)  # build
     optimizer = keras.optimizers.SGD(0.01)
     before = [w.numpy().copy() for w in det.rpn_heads[0].extra.weights]
     with tf.GradientTape() as tape:
-        out = det(x, training=True)
-        rpn = RPNLoss()(out["rpn_logits"], out["rpn_deltas"], targets, step=0)
-        labels = assign_proposal_labels(out["boxes"][0], gt, 0.3, 0.1)[None]
-        fpr = combine_fpr_terms(fpr_loss_terms(labels, out["fpr_logits"], out["valid"]))
-        loss = rpn["rpn_loss"] + fpr["fpr_loss"]
+        loss, rpn = _joint_loss(det, x, gt, targets)
     grads = tape.gradient(loss, det.trainable_variables)
     assert np.isfinite(loss.numpy()) and rpn["cls_n_pos"].numpy() >= 1
     assert all(g is not None and np.all(np.isfinite(g.numpy())) for g in grads)

@@ -10,28 +10,15 @@ Helpers reach tests through the ``beam_jobs`` fixture, never ``from conftest imp
 from __future__ import annotations
 
 import csv
-import subprocess
 import types
 
 import pytest
-from support import PYTHON, REPO, TINY_DETECTOR_OVERRIDES, subprocess_env
+from support import TINY_DETECTOR_OVERRIDES, helpers_fixture, run_module
 
 BEAM_WORKERS = "--direct_num_workers=2"
 # One extra (good) scan beside the corrupt one, so that the dead letter sits among others.
 N_SCANS = 4
 SHAPE = (40, 80, 80)
-
-
-def run_module(module: str, *args, timeout: int = 420) -> subprocess.CompletedProcess:
-    """``python -m module args`` from the repository root; stdout and stderr captured."""
-    return subprocess.run(
-        [PYTHON, "-m", module, *[str(a) for a in args]],
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def read_rows(path) -> list[dict]:
@@ -49,14 +36,9 @@ def assert_same_predictions(got: list[dict], want: list[dict], tol: float = 1e-5
                 assert float(a[key]) == pytest.approx(float(b[key]), abs=tol), (key, a, b)
 
 
-@pytest.fixture(scope="session")
-def beam_jobs():
-    return types.SimpleNamespace(
-        run_module=run_module,
-        read_rows=read_rows,
-        assert_same_predictions=assert_same_predictions,
-        BEAM_WORKERS=BEAM_WORKERS,
-    )
+beam_jobs = helpers_fixture(
+    run_module, read_rows, assert_same_predictions, BEAM_WORKERS=BEAM_WORKERS
+)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,13 @@ import subprocess
 import pytest
 from support import PYTHON, REPO, subprocess_env, write_cache
 
-from tf_agg3d.pipelines import common
-from tf_agg3d.pipelines import predict as predict_job
+from tf_agg3d.pipelines import (
+    common,
+    predict_inference,
+    predict_jobs,
+    predict_model,
+    predict_output,
+)
 from tf_agg3d.pipelines import preprocess as preprocess_job
 from tf_agg3d.pipelines.common import Failure
 
@@ -109,24 +114,24 @@ def test_failures_csv_round_trips_commas_quotes_and_newlines(tmp_path):
 
 
 def test_default_dead_letter_file_sits_beside_the_csv():
-    assert predict_job.default_failures_path("/o/p.csv") == "/o/p_failures.csv"
-    assert predict_job.default_failures_path("gs://b/p") == "gs://b/p_failures.csv"
+    assert predict_output.default_failures_path("/o/p.csv") == "/o/p_failures.csv"
+    assert predict_output.default_failures_path("gs://b/p") == "gs://b/p_failures.csv"
 
 
 def test_jobs_follow_predicts_order(tmp_path, luna):
     cache_dir = write_cache(tmp_path / "cache", n_scans=3)
-    jobs, missing = predict_job.plan_jobs(cache=cache_dir)
+    jobs, missing = predict_jobs.plan_jobs(cache=cache_dir)
     assert [(j.order, j.uid, j.source) for j in jobs] == [
         (0, "scan0", "cache"),
         (1, "scan1", "cache"),
         (2, "scan2", "cache"),
     ]
     assert missing == {}
-    jobs, _ = predict_job.plan_jobs(cache=cache_dir, seriesuids=["scan2", "nope"])
+    jobs, _ = predict_jobs.plan_jobs(cache=cache_dir, seriesuids=["scan2", "nope"])
     assert [j.uid for j in jobs] == ["scan2", "nope"]  # "nope" fails when it is read
 
     wanted = [luna.good[1], "1.2.3.missing", luna.good[0]]
-    jobs, missing = predict_job.plan_jobs(luna_root=str(luna.root), seriesuids=wanted)
+    jobs, missing = predict_jobs.plan_jobs(luna_root=str(luna.root), seriesuids=wanted)
     assert [(j.order, j.uid) for j in jobs] == [(0, luna.good[1]), (2, luna.good[0])]
     assert all(j.source == "scan" and j.mask_path.endswith(".mhd") for j in jobs)
     assert (
@@ -136,8 +141,8 @@ def test_jobs_follow_predicts_order(tmp_path, luna):
 
     listing = tmp_path / "scans.txt"
     listing.write_text("# scans\n/data/a/scan-7.mhd\n\n/data/b/case.nii.gz\n")
-    paths = predict_job.read_scan_list(str(listing))
-    jobs, _ = predict_job.plan_jobs(scans=paths)
+    paths = predict_jobs.read_scan_list(str(listing))
+    jobs, _ = predict_jobs.plan_jobs(scans=paths)
     assert [(j.uid, j.path) for j in jobs] == [
         ("scan-7", "/data/a/scan-7.mhd"),
         ("case", "/data/b/case.nii.gz"),
@@ -157,13 +162,13 @@ def test_shards_merge_into_one_csv_in_input_order_with_every_digit(tmp_path):
         "rpn_score": 0.1,
         "fpr_score": 0.2,
     }
-    writer = predict_job.WriteShardFn(shards)
-    (first,) = writer.process((1, [predict_job.ScanRows(2, "u2", (row,))]))
+    writer = predict_output.WriteShardFn(shards)
+    (first,) = writer.process((1, [predict_output.ScanRows(2, "u2", (row,))]))
     other = {**row, "seriesuid": "u0"}
-    items = [predict_job.ScanRows(3, "u3", ()), predict_job.ScanRows(0, "u0", (other, other))]
+    items = [predict_output.ScanRows(3, "u3", ()), predict_output.ScanRows(0, "u0", (other, other))]
     (second,) = writer.process((0, items))
     out = tmp_path / "p.csv"
-    assert predict_job.merge_shards([first, second], str(out), shards) == 3
+    assert predict_output.merge_shards([first, second], str(out), shards) == 3
     lines = out.read_text().splitlines()
     assert [line.split(",")[0] for line in lines] == ["seriesuid", "u0", "u0", "u2"]
     assert lines[3].split(",")[1] == repr(0.1 + 0.2)
@@ -182,17 +187,17 @@ def test_a_corrupt_scan_becomes_a_dead_letter_of_its_stage(tmp_path, luna):
     assert (out.value.uid, out.value.stage) == (luna.broken, "read")
     assert "truncated" in out.value.error
 
-    load = predict_job.LoadVolumeFn(PreprocessConfig())
-    job = predict_job.PredictJob(0, "absent", "cache", str(tmp_path / "cache"))
+    load = predict_inference.LoadVolumeFn(PreprocessConfig())
+    job = predict_jobs.PredictJob(0, "absent", "cache", str(tmp_path / "cache"))
     (out,) = list(load.process(job))
-    assert (out.tag, out.value.stage) == (predict_job.FAILED, "read")
+    assert (out.tag, out.value.stage) == (predict_inference.FAILED, "read")
 
 
 @needs_beam
 def test_inference_dead_letters_name_each_scan_of_the_batch():
     batch = [("u1", object()), ("u2", object())]
     error = (ValueError, "ValueError('shape\\n too big')", ["tb"])
-    failures = list(predict_job._inference_failures((batch, error)))
+    failures = list(predict_inference.inference_failures((batch, error)))
     assert [(f.uid, f.stage) for f in failures] == [("u1", "inference"), ("u2", "inference")]
     assert failures[0].error == "ValueError: ValueError('shape\\n too big')"
 
@@ -203,10 +208,10 @@ def test_a_version_folder_or_its_model_base_names_the_export(tmp_path):
         folder.mkdir(parents=True)
         (folder / "saved_model.pb").write_bytes(b"")
     (tmp_path / "agg3d" / "4").mkdir()  # a version still being written: no saved_model.pb
-    assert predict_job.resolve_export(str(tmp_path / "agg3d" / "1")).endswith("agg3d/1")
-    assert predict_job.resolve_export(str(tmp_path / "agg3d")).endswith("agg3d/3")
+    assert predict_model.resolve_export(str(tmp_path / "agg3d" / "1")).endswith("agg3d/1")
+    assert predict_model.resolve_export(str(tmp_path / "agg3d")).endswith("agg3d/3")
     with pytest.raises(FileNotFoundError, match="EXPORT_BASE/agg3d/VERSION"):
-        predict_job.resolve_export(str(tmp_path))
+        predict_model.resolve_export(str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support import cache_meta
 
 from tf_agg3d.data import cache
 from tf_agg3d.data.deeplesion.dl_info import DL_INFO_COLUMNS, read_dl_info
@@ -356,21 +357,14 @@ def test_dl_info_csv(folder, case):
 
 # The cache sidecar: bytes damaged like the CSVs, or JSON that parses but holds the wrong things.
 
-META = {
-    "affine": np.eye(4).tolist(),
-    "shape": [4, 5, 6],
-    "nodules": [{"z": 1.0, "y": 2.0, "x": 3.0, "d": 4.0}],
-    "excluded": [],
-    "origin": [0.0, 0.0, 0.0],
-    "spacing": [1.0, 1.0, 1.0],
-    "direction": np.eye(3).ravel().tolist(),
-    "seriesuid": "1.2.3",
-    "subset": 0,
-    "lung_mask": "threshold",
-    "hu_window": [-1200, 600],
-    "fill_hu": 170,
-    "source": "scan.mhd",
-}
+META = cache_meta(
+    "1.2.3",
+    (4, 5, 6),
+    nodules=[{"z": 1.0, "y": 2.0, "x": 3.0, "d": 4.0}],
+    lung_mask="threshold",
+    fill_hu=170,
+    source="scan.mhd",
+)
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=5)

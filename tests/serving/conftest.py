@@ -2,9 +2,9 @@
 
 Two models are exported once per session:
 
-- a **stand-in** whole-scan module (a few stock ops, same signature contract as
-  ``WholeScanDetector``): exports and loads in seconds, so the protocol and error-path tests
-  stay fast;
+- the **stand-in** whole-scan module of :mod:`tf_agg3d.serving.standin` (a few stock ops, same
+  signature contract as ``WholeScanDetector``): exports and loads in seconds, so the protocol
+  and error-path tests stay fast;
 - the **real** tiny detector (``build_detector`` + ``WholeScanDetector``, pure-TF RoI Align),
   exported through ``export_from_checkpoint`` from a model directory, for the op-type,
   saved_model_cli, equality and round-trip tests (marked slow: its export alone takes tens of
@@ -26,77 +26,35 @@ import sys
 import time
 import types
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import tensorflow as tf
-from support import REPO, TINY_DETECTOR_OVERRIDES, subprocess_env, write_model_dir
+from support import (
+    REPO,
+    TINY_DETECTOR_OVERRIDES,
+    chest_body,
+    helpers_fixture,
+    subprocess_env,
+    write_model_dir,
+)
 
 from tf_agg3d.config import load_config
 from tf_agg3d.serving.dev_server import DevServer
 from tf_agg3d.serving.publishing import export_saved_model
 from tf_agg3d.serving.signatures import Agg3DExportModule
-
-STANDIN_MAX_SHAPE = (96, 96, 96)
-STANDIN_WINDOW = (16, 16, 16)
-STANDIN_TOP_K = 5
-
-
-class StandInWholeScan(tf.Module):
-    """WholeScanDetector's contract with a trivial "model": the brightest 4-voxel blocks.
-
-    ``detect`` average-pools the volume by 4, takes the top-5 cells and reports them as 6 mm
-    boxes at the cell centres; scores depend on a variable (``detector.scale``) so that
-    exporting must save and restore a weight.
-    """
-
-    def __init__(self, scale: float = 1.0):
-        super().__init__(name="standin")
-        self.detector = tf.Module(name="standin_detector")
-        self.detector.scale = tf.Variable(scale, dtype=tf.float32, name="scale")
-
-    @tf.function(reduce_retracing=True)
-    def detect(self, volume):
-        v = tf.cast(volume, tf.float32)[None, ..., None]
-        pooled = tf.nn.avg_pool3d(v, 4, 4, "SAME")[0, ..., 0]
-        shape = tf.shape(pooled)
-        flat = tf.reshape(pooled, [-1])
-        k = tf.minimum(STANDIN_TOP_K, tf.size(flat))
-        top = tf.math.top_k(flat, k=k, sorted=True)
-        cells = tf.cast(tf.transpose(tf.unravel_index(top.indices, shape)), tf.float32)
-        centres = cells * 4.0 + 1.5
-        rpn = tf.sigmoid(top.values / 100.0 * self.detector.scale)
-        fpr = tf.sigmoid(top.values / 200.0)
-        boxes = tf.concat([centres, tf.fill([k, 1], 6.0)], axis=1)
-        return {
-            "boxes": boxes,
-            "scores": (rpn + fpr) / 2.0,
-            "rpn_scores": rpn,
-            "fpr_scores": fpr,
-            "num_detections": k,
-            "num_windows": tf.constant(1),
-        }
-
-    @tf.function(reduce_retracing=True)
-    def detect_crops(self, crops):
-        x = tf.cast(crops, tf.float32)
-        peak = tf.reduce_max(tf.reshape(x, [tf.shape(x)[0], -1]), axis=1)
-        half = [n / 2.0 for n in STANDIN_WINDOW]
-        boxes = tf.tile(tf.constant([[[*half, 6.0]]], tf.float32), [tf.shape(x)[0], 2, 1])
-        scores = tf.sigmoid(tf.stack([peak, peak - 100.0], axis=1) / 100.0)
-        return {"boxes": boxes, "scores": scores, "valid": tf.ones_like(scores, tf.bool)}
+from tf_agg3d.serving.standin import (
+    STANDIN_MAX_SHAPE,
+    STANDIN_WINDOW,
+    StandInWholeScan,
+    export_standin,
+)
 
 
 def chest_phantom(shape_zyx=(24, 64, 64), spacing_xyz=(1.1, 1.1, 2.0), nodule_zyx=(12, 28, 20)):
     """A tiny chest (air, body, two -850 HU lungs, a 0 HU nodule) as int16 HU (z, y, x)."""
     d, h, w = shape_zyx
     sx, sy, sz = spacing_xyz
-    z = (np.arange(d) * sz)[:, None, None]
-    y = (np.arange(h) * sy)[None, :, None]
-    x = (np.arange(w) * sx)[None, None, :]
-    cz, cy, cx = (d - 1) * sz / 2, (h - 1) * sy / 2, (w - 1) * sx / 2
-    body = ((x - cx) / (0.45 * w * sx)) ** 2 + ((y - cy) / (0.4 * h * sy)) ** 2 <= 1.0
-    image = np.where(np.broadcast_to(body, shape_zyx), 40, -1000).astype(np.int16)
+    image, (z, y, x), (cz, cy, cx) = chest_body(shape_zyx, spacing_xyz)
     for side in (-1, 1):
         lung = (
             ((x - cx - side * 0.2 * w * sx) / (0.15 * w * sx)) ** 2
@@ -123,17 +81,6 @@ def write_scan(path, array, spacing_xyz=(1.1, 1.1, 2.0), origin_xyz=(-35.0, 20.5
 
 def tiny_config(overrides=()):
     return load_config(None, [*TINY_DETECTOR_OVERRIDES, "inference.max_marks=10", *overrides])
-
-
-def export_standin(base, version=None, scale=1.0, overwrite=False, **kw):
-    config = load_config(None, [f"inference.window_size=[{','.join(map(str, STANDIN_WINDOW))}]"])
-    from tf_agg3d.serving.publishing import next_version
-
-    version = version or next_version(os.path.join(str(base), "agg3d"))
-    module = Agg3DExportModule(
-        StandInWholeScan(scale), config, version=version, max_volume_shape=STANDIN_MAX_SHAPE
-    )
-    return export_saved_model(module, str(base), overwrite=overwrite, **kw)
 
 
 _LOADED: dict = {}
@@ -206,22 +153,20 @@ def wait_for_line(log_path, needle, timeout_s=120.0, proc=None) -> str:
     raise AssertionError(f"{needle!r} not in the server's log:\n{text[-3000:]}")
 
 
-@pytest.fixture(scope="session")
-def helpers():
-    return types.SimpleNamespace(
-        StandInWholeScan=StandInWholeScan,
-        chest_phantom=chest_phantom,
-        write_scan=write_scan,
-        tiny_config=tiny_config,
-        export_standin=export_standin,
-        local_findings=local_findings,
-        free_port=free_port,
-        start_server_process=start_server_process,
-        stop_server_process=stop_server_process,
-        wait_for_line=wait_for_line,
-        STANDIN_MAX_SHAPE=STANDIN_MAX_SHAPE,
-        STANDIN_WINDOW=STANDIN_WINDOW,
-    )
+helpers = helpers_fixture(
+    StandInWholeScan,
+    chest_phantom,
+    write_scan,
+    tiny_config,
+    export_standin,
+    local_findings,
+    free_port,
+    start_server_process,
+    stop_server_process,
+    wait_for_line,
+    STANDIN_MAX_SHAPE=STANDIN_MAX_SHAPE,
+    STANDIN_WINDOW=STANDIN_WINDOW,
+)
 
 
 @pytest.fixture(scope="session")

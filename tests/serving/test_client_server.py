@@ -20,10 +20,11 @@ import pytest
 import tensorflow as tf
 
 from tf_agg3d.serving import contract
-from tf_agg3d.serving.client import Agg3DClient, voxel_affine
+from tf_agg3d.serving.client import Agg3DClient
 from tf_agg3d.serving.dev_server import DevServer
 from tf_agg3d.serving.errors import ServingError
 from tf_agg3d.serving.protos import int16_tensor_proto
+from tf_agg3d.serving.scans import voxel_affine
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

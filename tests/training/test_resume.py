@@ -7,10 +7,9 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
-from support import REPO, subprocess_env, train_command, write_cache
+from support import REPO, read_until, subprocess_env, train_command, write_cache
 
 from tf_agg3d.models import checkpoints as ckpt_lib
 
@@ -42,17 +41,12 @@ def _start(tmp_path, cache, model_dir):
 
 def _wait_for_step(proc, at_least, lines, timeout=150):
     """Reads the log until a step >= `at_least` is logged; returns that step."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
+
+    def step(line):
         m = re.search(r"\] step (\d+)/", line)
-        if m and int(m.group(1)) >= at_least:
-            return int(m.group(1))
-    proc.kill()
-    raise AssertionError("training never reached step %d:\n%s" % (at_least, "".join(lines)[-4000:]))
+        return m and int(m.group(1)) >= at_least and int(m.group(1))
+
+    return read_until(proc, step, lines, timeout, f"training never reached step {at_least}")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Runs in a subprocess with the S3 environment: exercises tf_agg3d.utils.io and the readers on
-``s3://`` and prints one JSON object of results, then leaves through ``exit_now``.
+"""Runs in a subprocess with the S3 environment: exercises tf_agg3d.utils (files, atomic writes,
+``.npy``, local copies) and the readers on ``s3://``, prints one JSON object of results, then
+leaves through ``exit_now``.
 
     python tests/utils/s3_io_checks.py BUCKET LOCAL_MHD LOCAL_DICOM_DIR
 """
@@ -16,18 +17,22 @@ import numpy as np
 def main(bucket: str, local_mhd: str, local_dicom: str) -> dict:
     from tf_agg3d.data.errors import DataError
     from tf_agg3d.data.readers import sitk as luna16
-    from tf_agg3d.utils import io as uio
+    from tf_agg3d.utils import files as uio
+    from tf_agg3d.utils.atomic_write import atomic_write_json
+    from tf_agg3d.utils.filesystems import is_url
+    from tf_agg3d.utils.local_copy import local_copy
+    from tf_agg3d.utils.npy import atomic_save_npy, load_npy
 
     out: dict = {}
     base = f"s3://{bucket}/checks"
     # Atomic writes: the object appears whole, no temporary object is left beside it.
     target = uio.join(base, "deep", "a.json")
-    uio.atomic_write_json(target, {"x": 1})
-    uio.atomic_write_json(target, {"x": 2})  # overwrite
+    atomic_write_json(target, {"x": 1})
+    atomic_write_json(target, {"x": 2})  # overwrite
     out["json"] = uio.read_json(target)
     out["listing"] = uio.listdir(uio.join(base, "deep"))
-    uio.atomic_save_npy(uio.join(base, "v.npy"), np.arange(6, dtype=np.int16).reshape(2, 3))
-    out["npy"] = uio.load_npy(uio.join(base, "v.npy")).tolist()
+    atomic_save_npy(uio.join(base, "v.npy"), np.arange(6, dtype=np.int16).reshape(2, 3))
+    out["npy"] = load_npy(uio.join(base, "v.npy")).tolist()
     out["isdir"] = [uio.isdir(base), uio.isdir(target), uio.isfile(target), uio.isfile(base)]
     out["find_files"] = uio.find_files(base, ".json")
     out["getsize"] = uio.getsize(target)
@@ -38,9 +43,9 @@ def main(bucket: str, local_mhd: str, local_dicom: str) -> dict:
     for name in (mhd_name, raw_name):
         uio.copy_file(os.path.join(os.path.dirname(local_mhd), name), uio.join(base, "img", name))
     url = uio.join(base, "img", mhd_name)
-    with uio.local_copy(url) as local:
+    with local_copy(url) as local:
         out["local_copy"] = sorted(os.listdir(os.path.dirname(local)))
-        out["local_copy_is_local"] = not uio.is_url(local) and os.path.isfile(local)
+        out["local_copy_is_local"] = not is_url(local) and os.path.isfile(local)
     out["local_copy_cleaned"] = not os.path.exists(local)
     remote, ref = luna16.read_scan(url), luna16.read_scan(local_mhd)
     out["mhd_equal"] = bool(

@@ -18,6 +18,7 @@ must list, find and read the same things.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -33,7 +34,7 @@ ROOTS = {
 def _luna(root: str) -> dict:
     from tf_agg3d.data.luna16 import csv_io, layout
     from tf_agg3d.data.preprocessing import runner
-    from tf_agg3d.utils import io as uio
+    from tf_agg3d.utils import files as uio
 
     out: dict = {
         "isdir": uio.isdir(root),
@@ -60,28 +61,20 @@ def _cache(tmp_cfg: str) -> dict:
     from tf_agg3d.data import cache
     from tf_agg3d.dataloaders.input_pipeline import _Volumes, load_scans
     from tf_agg3d.training.checks import validate_training_config
-    from tf_agg3d.utils import io as uio
+    from tf_agg3d.utils import files as uio
+
+    # The test suite's helpers: this script runs from tests/utils/ in its own process.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from support import cache_meta
 
     out: dict = {}
     volume = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
-    meta = {
-        "affine": np.eye(4).tolist(),
-        "shape": [4, 5, 6],
-        "nodules": [{"z": 1.0, "y": 2.0, "x": 3.0, "d": 4.0}],
-        "excluded": [],
-        "origin": [0.0, 0.0, 0.0],
-        "spacing": [1.0, 1.0, 1.0],
-        "direction": np.eye(3).ravel().tolist(),
-        "seriesuid": "",
-        "subset": 0,
-        "lung_mask": "threshold",
-        "hu_window": [-1200, 600],
-        "fill_hu": 170,
-        "source": "test",
-    }
+    nodules = [{"z": 1.0, "y": 2.0, "x": 3.0, "d": 4.0}]
     # Written through both spellings of the bucket root.
-    cache.write_entry("s3://cacheroot", "u1", volume, dict(meta, seriesuid="u1"))
-    cache.write_entry("s3://cacheroot/", "u2", volume, dict(meta, seriesuid="u2", subset=1))
+    meta = cache_meta("u1", volume.shape, nodules=nodules)
+    cache.write_entry("s3://cacheroot", "u1", volume, meta)
+    meta = cache_meta("u2", volume.shape, nodules=nodules, subset=1)
+    cache.write_entry("s3://cacheroot/", "u2", volume, meta)
     for form in ("s3://cacheroot", "s3://cacheroot/"):
         got = {
             "list_uids": cache.list_uids(form),
@@ -103,7 +96,7 @@ def _cache(tmp_cfg: str) -> dict:
 
 
 def main(config_path: str) -> dict:
-    from tf_agg3d.utils import io as uio
+    from tf_agg3d.utils import files as uio
 
     out = {name: _luna(root) for name, root in ROOTS.items()}
     out["cache"] = _cache(config_path)

@@ -37,7 +37,7 @@ def _publish_fake(files: dict, model_base: str) -> None:
 def _replace_checks(scratch_base: str) -> dict:
     import tensorflow as tf
 
-    from tf_agg3d.utils import io as uio
+    from tf_agg3d.utils import files as uio
 
     model_base = uio.join(scratch_base, "agg3d")
     old = {"saved_model.pb": "old graph", "variables/a": "old a", "variables/b": "old b"}
@@ -56,9 +56,10 @@ def main(model_base: str, volume_npy: str, scratch_base: str) -> dict:
     import tensorflow as tf
 
     from tf_agg3d.serving.servables import ModelManager
-    from tf_agg3d.utils import io as uio
+    from tf_agg3d.utils import files as uio
+    from tf_agg3d.utils.filesystems import ensure_filesystem
 
-    uio.ensure_filesystem(model_base)
+    ensure_filesystem(model_base)
     manager = ModelManager(model_base)
     on_disk = manager._on_disk()
     manager.refresh()

@@ -35,7 +35,7 @@ from tf_agg3d.data.preprocessing.runner import run_preprocess
 from tf_agg3d.data.synthetic.luna16 import generate_dataset
 from tf_agg3d.models import checkpoints as ckpt_lib
 from tf_agg3d.training.loop import TrainingLoop
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import atomic_write
 
 # --------------------------------------------------------------------------------------------
 # A tiny task for the generic training loop
@@ -201,9 +201,9 @@ def test_training_refuses_when_every_checkpoint_is_damaged(tmp_path):
 
 
 def _enospc_after(fraction: float, match: str):
-    """A stand-in for uio._write_all that writes `fraction` of the bytes of files whose name
-    ends with `match`, then fails as a full disk does."""
-    real = uio._write_all
+    """A stand-in for atomic_write._write_all that writes `fraction` of the bytes of files whose
+    name ends with `match`, then fails as a full disk does."""
+    real = atomic_write._write_all
 
     def write(f, data, path):
         if os.path.basename(path).endswith(match):
@@ -233,7 +233,7 @@ def test_full_disk_while_the_checkpoint_pointer_is_written(tmp_path, monkeypatch
     pointer = os.path.join(str(model_dir), "checkpoints", "checkpoint")
     before = _bytes(pointer)
     loop.step.assign(6)
-    monkeypatch.setattr(uio, "_write_all", _enospc_after(0.5, "checkpoint"))
+    monkeypatch.setattr(atomic_write, "_write_all", _enospc_after(0.5, "checkpoint"))
     with pytest.raises(ckpt_lib.CheckpointWriteError) as info:
         loop.checkpoints.save()
     message = str(info.value)
@@ -336,12 +336,12 @@ def test_full_disk_keeps_the_previous_cache_entry(tmp_path, monkeypatch):
     before = (_bytes(npy), _bytes(sidecar))
     meta = cache.read_meta(folder, "scan0")
     # The volume is written whole, the sidecar fails half-way: neither file may change.
-    monkeypatch.setattr(uio, "_write_all", _enospc_after(0.5, "scan0.json"))
-    with pytest.raises(uio.WriteError) as info:
+    monkeypatch.setattr(atomic_write, "_write_all", _enospc_after(0.5, "scan0.json"))
+    with pytest.raises(atomic_write.WriteError) as info:
         meta.pop("shape")
         cache.write_entry(folder, "scan0", np.ones((9, 9, 9), np.int16), meta)
     assert str(info.value).startswith(f"{sidecar}: cannot write (No space left on device)")
-    assert uio.is_storage_full(info.value)
+    assert atomic_write.is_storage_full(info.value)
     assert (_bytes(npy), _bytes(sidecar)) == before
     assert sorted(os.listdir(folder)) == ["scan0.json", "scan0.npy"]  # no temporary left
 
@@ -357,7 +357,7 @@ def test_preprocess_stops_on_a_full_disk_and_a_rerun_completes(tmp_path, luna, m
     root, uids = luna
     out = str(tmp_path / "cache")
     lines: list[str] = []
-    monkeypatch.setattr(uio, "_write_all", _enospc_after(0.3, f"{uids[1]}.npy"))
+    monkeypatch.setattr(atomic_write, "_write_all", _enospc_after(0.3, f"{uids[1]}.npy"))
     summary = run_preprocess(root, out, PreprocessConfig(), report=lines.append)
     assert summary.ok == [uids[0]] and list(summary.failed) == [uids[1]], lines
     assert summary.not_started == [uids[2]] and summary.stopped, lines

@@ -137,10 +137,11 @@ def test_exit_now_keeps_the_status_after_s3_use(s3):
     s3.create_bucket("exit-status")
     code = (
         "import tensorflow as tf\n"
-        "from tf_agg3d.utils import io as uio\n"
+        "from tf_agg3d.utils.atomic_write import atomic_write_text\n"
+        "from tf_agg3d.utils.files import read_text\n"
         "from tf_agg3d.utils.process import exit_now\n"
-        "uio.atomic_write_text('s3://exit-status/x.txt', 'hi')\n"
-        "print(uio.read_text('s3://exit-status/x.txt'))\n"
+        "atomic_write_text('s3://exit-status/x.txt', 'hi')\n"
+        "print(read_text('s3://exit-status/x.txt'))\n"
         "exit_now(3)\n"
     )
     done = s3.run(["-c", code])

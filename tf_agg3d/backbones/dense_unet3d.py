@@ -178,6 +178,23 @@ class DenseUNet3D(keras.Model):
         layer.build(channels_shape(channels))
         return layer
 
+    def decoder_levels(self):
+        """The decoder's levels of the built network, coarsest first.
+
+        Returns:
+          an iterator of ``(stride, upsample BatchNorm, upsample (transposed conv), reduce
+          (Transition), dense block, pyramid lateral)``.
+        """
+        return zip(
+            reversed(self.strides[:-1]),
+            self.upsample_bn,
+            self.upsample,
+            self.reduce,
+            self.decode_blocks,
+            self.lateral_layers[1:],
+            strict=False,
+        )
+
     def call(self, inputs, training=None):
         x = keras.ops.relu(self.pre_bn1(self.pre_conv1(inputs), training=training))
         x = keras.ops.relu(self.pre_bn2(self.pre_conv2(x), training=training))
@@ -189,15 +206,7 @@ class DenseUNet3D(keras.Model):
             x = trans(x, training=training)
         x = self.detector_block(x, training=training)
         outputs = {self.strides[-1]: self.lateral_layers[0](x, training=training)}
-        for stride, bn, up, reduce, block, lateral in zip(
-            reversed(self.strides[:-1]),
-            self.upsample_bn,
-            self.upsample,
-            self.reduce,
-            self.decode_blocks,
-            self.lateral_layers[1:],
-            strict=False,
-        ):
+        for stride, bn, up, reduce, block, lateral in self.decoder_levels():
             x = up(keras.ops.relu(bn(x, training=training)))
             x = keras.ops.concatenate([x, skips[stride.bit_length() - 2]], axis=-1)
             x = block(reduce(x, training=training), training=training)

@@ -15,6 +15,27 @@ import time
 from collections.abc import Sequence
 
 
+def evaluate_args(
+    annotations_dir: str, predictions: str, seriesuids: str, out: str, *extra: str
+) -> list[str]:
+    """``tf_agg3d.evaluate`` and its arguments: the FROC of `predictions` on the scans of
+    `seriesuids` against a LUNA16 folder's annotations.csv and annotations_excluded.csv."""
+    return [
+        "tf_agg3d.evaluate",
+        "--annotations",
+        os.path.join(annotations_dir, "annotations.csv"),
+        "--excluded",
+        os.path.join(annotations_dir, "annotations_excluded.csv"),
+        "--predictions",
+        predictions,
+        "--seriesuids",
+        seriesuids,
+        "--out",
+        out,
+        *extra,
+    ]
+
+
 def run_step(step: str, args: list[str]) -> float:
     """Runs ``python -m <args>``; returns its seconds, or exits the demo if it failed."""
     print(f"\n=== {step}: {' '.join(args)}", flush=True)
@@ -129,22 +150,15 @@ class Demo:
         eval_dir = os.path.join(self.out, "evaluation")
         self.step(
             "evaluate",
-            [
-                "tf_agg3d.evaluate",
-                "--annotations",
-                os.path.join(annotations_dir, "annotations.csv"),
-                "--excluded",
-                os.path.join(annotations_dir, "annotations_excluded.csv"),
-                "--predictions",
+            evaluate_args(
+                annotations_dir,
                 predictions,
-                "--seriesuids",
                 test_list,
-                "--out",
                 eval_dir,
                 "--cache",
                 self.cache,
                 *extra_eval_args,
-            ],
+            ),
         )
         with open(os.path.join(eval_dir, "summary.json")) as f:
             return json.load(f), eval_dir

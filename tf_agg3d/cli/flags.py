@@ -135,6 +135,12 @@ def values(flag_values: flags.FlagValues = FLAGS) -> types.SimpleNamespace:
     )
 
 
+def keywords(opts: types.SimpleNamespace, *names: str) -> dict:
+    """``{name: opts.name}``: the flags a command hands to a library call whose parameters
+    have the flags' names (underscore spelling)."""
+    return {name: getattr(opts, name) for name in names}
+
+
 def given(name: str, flag_values: flags.FlagValues = FLAGS) -> bool:
     """Whether flag `name` (either spelling) was set on the command line."""
     registered = _registered(name, flag_values)
@@ -165,7 +171,9 @@ def integers(name: str, values: Sequence[str] | None) -> list[int]:
 # module and a helper may both ask for them.
 
 
-def _define_once(define, name: str, default, help_text: str, flag_values: flags.FlagValues):
+def define_once(
+    define, name: str, default, help_text: str, flag_values: flags.FlagValues = FLAGS
+) -> None:
     """``define(name, default, help_text)`` (an absl ``DEFINE_*``) unless `name` is defined."""
     if name not in flag_values:
         define(name, default, help_text, flag_values=flag_values)
@@ -180,9 +188,24 @@ def define_config_flags(
     flag_values: flags.FlagValues = FLAGS,
 ) -> None:
     """Defines ``--config`` (a YAML file) and, unless `with_set` is False, ``--set key=value``."""
-    _define_once(flags.DEFINE_string, "config", default_config, config_help, flag_values)
+    define_once(flags.DEFINE_string, "config", default_config, config_help, flag_values)
     if with_set:
-        _define_once(flags.DEFINE_multi_string, "set", [], set_help, flag_values)
+        define_once(flags.DEFINE_multi_string, "set", [], set_help, flag_values)
+
+
+def define_experiment_flags(unit: str, config_help: str, set_help: str) -> None:
+    """The flags of the experiment commands (``tf_agg3d.ablate``, ``tf_agg3d.crossval``).
+
+    ``--config`` / ``--set`` (see :func:`define_config_flags`), ``--parallel`` (how many
+    `unit`, e.g. "Folds", run at once as subprocesses), ``--gpus`` and the annotation CSVs.
+    """
+    define_config_flags(config_help, set_help)
+    if "parallel" in FLAGS:  # defined already (definers are idempotent)
+        return
+    flags.DEFINE_integer("parallel", 1, f"{unit} at once, as subprocesses (1: in this process).")
+    flags.DEFINE_list("gpus", [], "With --parallel: GPU ids, one per process (round robin).")
+    flags.DEFINE_string("annotations", None, "annotations.csv (default: what the cache provides).")
+    flags.DEFINE_string("excluded", None, "annotations_excluded.csv (default: beside annotations).")
 
 
 def define_model_dir_flag(
@@ -192,7 +215,7 @@ def define_model_dir_flag(
     flag_values: flags.FlagValues = FLAGS,
 ) -> None:
     """Defines ``--model-dir`` (``--model_dir`` works too)."""
-    _define_once(flags.DEFINE_string, "model-dir", None, help_text, flag_values)
+    define_once(flags.DEFINE_string, "model-dir", None, help_text, flag_values)
     if required:
         flags.mark_flag_as_required("model-dir", flag_values=flag_values)
 

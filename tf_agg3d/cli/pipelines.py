@@ -26,14 +26,10 @@ from absl import app, flags
 
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.cli import flags as cli_flags
+from tf_agg3d.cli.flags import define_once
 from tf_agg3d.cli.output import report
 
 FLAGS = flags.FLAGS
-
-
-def _define(define, name: str, default, help_text: str) -> None:
-    if name not in FLAGS:
-        define(name, default, help_text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,17 +106,18 @@ def _check_beam_args(args: Sequence[str]) -> None:
         )
 
 
-def _run_job(run: Callable[[], object]):
-    """Runs a pipeline; a pipeline (or a ``--model-dir`` export) that failed is one
-    ``kind: message`` line and status 1 (None)."""
+def _run_job(run: Callable[[], object]) -> int:
+    """Runs a pipeline; returns the command's exit status. A pipeline (or a ``--model-dir``
+    export) that failed is one ``kind: message`` line and status 1, as a failed scan is."""
     from tf_agg3d.pipelines.common import PipelineError
     from tf_agg3d.serving.errors import ExportError
 
     try:
-        return run()
+        summary = run()
     except (PipelineError, ExportError) as err:
         cli_exit.report(err)
-        return None
+        return cli_exit.ITEMS_FAILED
+    return cli_exit.items_status(summary.failed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,20 +125,26 @@ def _run_job(run: Callable[[], object]):
 # --------------------------------------------------------------------------------------------
 
 
+def _define_luna16_selection_flags(luna_root_help: str) -> None:
+    """``--luna-root``, ``--subsets`` and ``--seriesuids``: how both jobs pick LUNA16 scans."""
+    define_once(flags.DEFINE_string, "luna-root", None, luna_root_help)
+    define_once(flags.DEFINE_list, "subsets", None, "LUNA16 subsets, e.g. 0,1 (default: all).")
+    define_once(
+        flags.DEFINE_string, "seriesuids", None, "File of the seriesuids to take (default: all)."
+    )
+
+
 def define_preprocess_flags() -> None:
     """Defines ``agg3d-beam-preprocess``'s flags (the rest of the line is Beam's)."""
-    _define(
-        flags.DEFINE_string,
-        "luna-root",
-        None,
-        "LUNA16 folder or gs://, s3:// URL (subset0..9/, seg-lungs-LUNA16/, annotations CSVs).",
+    _define_luna16_selection_flags(
+        "LUNA16 folder or gs://, s3:// URL (subset0..9/, seg-lungs-LUNA16/, annotations CSVs)."
     )
-    _define(flags.DEFINE_string, "out", None, "Cache folder or URL (<seriesuid>.npy/.json).")
-    _define(flags.DEFINE_list, "subsets", None, "Subset numbers, e.g. 0,1 (default: all).")
-    _define(flags.DEFINE_string, "seriesuids", None, "File of seriesuids to restrict to.")
-    _define(flags.DEFINE_string, "annotations", None, "annotations.csv (default: under the root).")
-    _define(flags.DEFINE_string, "excluded", None, "annotations_excluded.csv (default: found).")
-    _define(flags.DEFINE_boolean, "force", False, "Redo scans whose cache entry is complete.")
+    define_once(
+        flags.DEFINE_string, "annotations", None, "annotations.csv (default: under the root)."
+    )
+    define_once(flags.DEFINE_string, "excluded", None, "annotations_excluded.csv (default: found).")
+    define_once(flags.DEFINE_string, "out", None, "Cache folder or URL (<seriesuid>.npy/.json).")
+    define_once(flags.DEFINE_boolean, "force", False, "Redo scans whose cache entry is complete.")
     cli_flags.define_config_flags(
         "YAML experiment config (its `preprocess` section is used).",
         "Config override key=value, e.g. preprocess.fill_hu=-1000.",
@@ -160,7 +163,7 @@ def preprocess_main(argv: list[str]) -> int:
 
     _check_beam_args(argv[1:])
     uids = read_seriesuids(opts.seriesuids) if opts.seriesuids else None
-    summary = _run_job(
+    return _run_job(
         lambda: preprocess.run_preprocess_pipeline(
             opts.luna_root,
             opts.out,
@@ -174,9 +177,6 @@ def preprocess_main(argv: list[str]) -> int:
             report=report,
         )
     )
-    if summary is None:
-        return cli_exit.ITEMS_FAILED
-    return cli_exit.items_status(summary.failed)
 
 
 def run_preprocess() -> None:
@@ -193,7 +193,8 @@ def run_preprocess() -> None:
 
 def define_predict_flags() -> None:
     """Defines ``agg3d-beam-predict``'s flags (the rest of the line is Beam's)."""
-    _define(
+    # The model: an export, or a training run exported first with the settings given here.
+    define_once(
         flags.DEFINE_string,
         "export",
         None,
@@ -203,32 +204,33 @@ def define_predict_flags() -> None:
     cli_flags.define_model_dir_flag(
         "Training run (config.yaml + checkpoints) to export first, instead of --export."
     )
-    _define(flags.DEFINE_string, "checkpoint", None, "With --model-dir: checkpoint to export.")
-    _define(
+    cli_flags.define_config_flags(
+        "With --model-dir: YAML merged over the run's config.yaml.",
+        "With --model-dir: config override key=value, e.g. inference.overlap=16.",
+    )
+    define_once(flags.DEFINE_string, "checkpoint", None, "With --model-dir: checkpoint to export.")
+    define_once(flags.DEFINE_float, "threshold", None, "With --model-dir: RPN score threshold.")
+    define_once(
+        flags.DEFINE_integer, "max-marks", None, "With --model-dir: most findings per scan."
+    )
+    define_once(
         flags.DEFINE_string,
         "export-base",
         None,
         "With --model-dir: where to export it (kept; default: a temporary folder, or one under "
         "--temp_location for cluster runners, removed at the end).",
     )
-    _define(flags.DEFINE_string, "cache", None, "Preprocessed cache folder.")
-    _define(
-        flags.DEFINE_string,
-        "luna-root",
-        None,
-        "LUNA16 folder: scans preprocessed on the fly, with their seg-lungs-LUNA16 mask.",
+    # The scans: a cache, a LUNA16 download, or scan files.
+    define_once(flags.DEFINE_string, "cache", None, "Preprocessed cache folder.")
+    _define_luna16_selection_flags(
+        "LUNA16 folder: scans preprocessed on the fly, with their seg-lungs-LUNA16 mask."
     )
-    _define(flags.DEFINE_list, "subsets", None, "With --luna-root: subsets (default: all).")
-    _define(flags.DEFINE_string, "seriesuids", None, "With --cache/--luna-root: uids to predict.")
-    _define(flags.DEFINE_string, "scans", None, "File listing scan files / DICOM folders.")
-    _define(flags.DEFINE_multi_string, "scan", None, "Scan file / DICOM folder (repeatable).")
-    _define(flags.DEFINE_string, "out", None, "Output CSV (LUNA16 columns + 3 extra).")
-    _define(flags.DEFINE_string, "failures", None, "Dead-letter CSV (default: <out>_failures.csv).")
-    _define(flags.DEFINE_float, "threshold", None, "With --model-dir: RPN score threshold.")
-    _define(flags.DEFINE_integer, "max-marks", None, "With --model-dir: most findings per scan.")
-    cli_flags.define_config_flags(
-        "With --model-dir: YAML merged over the run's config.yaml.",
-        "With --model-dir: config override key=value, e.g. inference.overlap=16.",
+    define_once(flags.DEFINE_string, "scans", None, "File listing scan files / DICOM folders.")
+    define_once(flags.DEFINE_multi_string, "scan", None, "Scan file / DICOM folder (repeatable).")
+    # The output.
+    define_once(flags.DEFINE_string, "out", None, "Output CSV (LUNA16 columns + 3 extra).")
+    define_once(
+        flags.DEFINE_string, "failures", None, "Dead-letter CSV (default: <out>_failures.csv)."
     )
 
 
@@ -264,7 +266,7 @@ def _predict_inputs(opts) -> tuple[list[int] | None, list[str] | None]:
     subsets = cli_flags.integers("subsets", opts.subsets) or None
     if not scans:
         return subsets, None
-    from tf_agg3d.pipelines.predict import read_scan_list
+    from tf_agg3d.pipelines.predict_jobs import read_scan_list
 
     return subsets, [*(read_scan_list(opts.scans) if opts.scans else []), *(opts.scan or [])]
 
@@ -291,16 +293,14 @@ def predict_main(argv: list[str]) -> int:
             overrides.append(f"inference.max_marks={opts.max_marks}")
         config = load_config(opts.config, overrides, base=load_model_config(opts.model_dir))
     uids = read_seriesuids(opts.seriesuids) if opts.seriesuids else None
-    summary = _run_job(
+    # Flags named like run_predict_pipeline's parameters go through as they are.
+    passed = cli_flags.keywords(
+        opts, "out", "export", "model_dir", "checkpoint", "export_base", "cache", "luna_root"
+    )
+    return _run_job(
         lambda: predict.run_predict_pipeline(
-            out=opts.out,
-            export=opts.export,
-            model_dir=opts.model_dir,
+            **passed,
             config=config,
-            checkpoint=opts.checkpoint,
-            export_base=opts.export_base,
-            cache=opts.cache,
-            luna_root=opts.luna_root,
             subsets=subsets,
             seriesuids=uids,
             scans=scans,
@@ -309,9 +309,6 @@ def predict_main(argv: list[str]) -> int:
             report=report,
         )
     )
-    if summary is None:
-        return cli_exit.ITEMS_FAILED
-    return cli_exit.items_status(summary.failed)
 
 
 def run_predict() -> None:

@@ -91,9 +91,10 @@ def client_main(argv: Sequence[str]) -> int:
     import tensorflow as tf
 
     from tf_agg3d.data.errors import DataError
-    from tf_agg3d.serving.client import Agg3DClient, ScanResult, write_findings_csv
+    from tf_agg3d.serving.client import Agg3DClient
     from tf_agg3d.serving.errors import ServingError
-    from tf_agg3d.utils.io import ensure_filesystems
+    from tf_agg3d.serving.scans import ScanResult, write_findings_csv
+    from tf_agg3d.utils.filesystems import ensure_filesystems
 
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {list(argv[1:])}")
@@ -103,20 +104,19 @@ def client_main(argv: Sequence[str]) -> int:
     # A missing tensorflow-io (ImportError) is status 2 (tf_agg3d.cli.exit.call).
     ensure_filesystems(f.out, f.ca_cert, f.client_cert, f.client_key, *f.scan)
     try:
-        client = Agg3DClient(
-            f.target,
-            f.model,
-            f.version,
-            version_label=f.version_label,
-            tls=f.tls,
-            ca_cert=f.ca_cert,
-            client_cert=f.client_cert,
-            client_key=f.client_key,
-            server_name=f.server_name,
-            deadline_s=f.deadline,
-            retries=f.retries,
-            max_concurrency=f.max_concurrency,
+        # Flags named like the client's parameters go through as they are.
+        passed = cli_flags.keywords(
+            f,
+            "version_label",
+            "tls",
+            "ca_cert",
+            "client_cert",
+            "client_key",
+            "server_name",
+            "retries",
+            "max_concurrency",
         )
+        client = Agg3DClient(f.target, f.model, f.version, deadline_s=f.deadline, **passed)
     except (ValueError, ServingError) as err:
         cli_exit.report(err, "error")
         return cli_exit.USAGE
@@ -233,7 +233,7 @@ def parse_version_labels(pairs: Sequence[str]) -> dict[str, int]:
 def serve_main(argv: Sequence[str]) -> int:
     """The development server's body (flags parsed): serves until Ctrl-C; the exit status."""
     from tf_agg3d.serving.dev_server import DevServer
-    from tf_agg3d.utils.io import ensure_filesystems
+    from tf_agg3d.utils.filesystems import ensure_filesystems
 
     if len(argv) > 1:
         raise cli_exit.UsageError(f"unexpected arguments: {list(argv[1:])}")
@@ -264,24 +264,29 @@ def serve_main(argv: Sequence[str]) -> int:
         print(line, flush=True)
 
     try:
+        # Flags named like DevServer's parameters go through as they are.
+        passed = cli_flags.keywords(
+            f,
+            "host",
+            "port",
+            "max_message_bytes",
+            "delay_s",
+            "max_concurrent_requests",
+            "max_queued_requests",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "poll_s",
+        )
         server = DevServer(
             os.path.expanduser(f.model_base) if f.model_base else None,
             f.model_name,
             model_base_path=os.path.expanduser(f.model_base_path) if f.model_base_path else None,
-            host=f.host,
-            port=f.port,
             versions=versions or None,
             version_labels=labels,
-            max_message_bytes=f.max_message_bytes,
-            delay_s=f.delay_s,
-            max_concurrent_requests=f.max_concurrent_requests,
-            max_queued_requests=f.max_queued_requests,
             max_volume_shape=max_shape,
-            tls_cert=f.tls_cert,
-            tls_key=f.tls_key,
-            tls_client_ca=f.tls_client_ca,
-            poll_s=f.poll_s,
             log=log,
+            **passed,
         )
         # Loads the initial versions, then opens the port (as TF-Serving does).
         server.start()

@@ -3,7 +3,9 @@
 Two entry points run through here:
 
 - ``python -m tf_agg3d.data.synthetic --out DIR --n-scans N --seed S [--shape D,H,W]
-  [--overwrite]``: synthetic LUNA16 (:mod:`tf_agg3d.data.synthetic.luna16`);
+  [--overwrite] [--profile default|realistic]``: synthetic LUNA16
+  (:mod:`tf_agg3d.data.synthetic.luna16`; the realistic profile and the benchmark split are
+  :mod:`tf_agg3d.data.synthetic.realistic`);
 - ``python -m tf_agg3d.data.synthetic_deeplesion --out DIR --n-series N --seed S [--size 128]``:
   synthetic DeepLesion (:mod:`tf_agg3d.data.synthetic.deeplesion`).
 
@@ -21,6 +23,7 @@ from typing import Any
 from tf_agg3d.cli import exit as cli_exit
 from tf_agg3d.data.synthetic import deeplesion as synthetic_deeplesion
 from tf_agg3d.data.synthetic import luna16 as synthetic_luna16
+from tf_agg3d.data.synthetic import realistic as synthetic_realistic
 
 
 def parse_shape(text: str | None) -> tuple[int, int, int] | None:
@@ -129,6 +132,15 @@ def define_luna16_flags(flag_values=None) -> None:
         "Delete scans of another dataset in OUT's layout folders instead of refusing.",
         **where,
     )
+    flags.DEFINE_enum(
+        "profile",
+        "default",
+        ["default", "realistic"],
+        "default: the demo's easy set; realistic: dense vessels, ground-glass / part-solid / "
+        "juxta-pleural / juxta-vascular nodules, partial volume, and the benchmark split "
+        "(subsets 0-5 train, 6-9 held out; docs/benchmark.md).",
+        **where,
+    )
 
 
 def luna16_main(argv) -> int:
@@ -138,14 +150,24 @@ def luna16_main(argv) -> int:
         return {"shape": parse_shape(fv.shape), "overwrite": fv.overwrite}
 
     def details(summary: dict) -> str:
-        return (
+        text = (
             f"{summary['n_nodules']} nodules, {len(summary['negative_uids'])} negative and "
             f"{len(summary['flipped_uids'])} flipped scans"
         )
+        if "split" in summary:
+            split = summary["split"]
+            text += (
+                f" (realistic; held out: {len(split['heldout'])} scans, "
+                f"{split['heldout_nodules']} nodules)"
+            )
+        return text
 
+    from absl import flags
+
+    realistic = flags.FLAGS.profile == "realistic"
     return dataset_main(
         argv,
-        synthetic_luna16.generate_dataset,
+        synthetic_realistic.generate_dataset if realistic else synthetic_luna16.generate_dataset,
         "scans",
         options,
         details,

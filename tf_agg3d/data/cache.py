@@ -18,7 +18,9 @@ import math
 import numpy as np
 
 from tf_agg3d.data.errors import DataError
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_many
+from tf_agg3d.utils.npy import load_npy, npy_header
 
 META_KEYS = (
     "affine",
@@ -139,11 +141,11 @@ def write_entry(cache_dir: str, uid: str, volume: np.ndarray, meta: dict) -> Non
     _check_meta(meta_path(cache_dir, uid), meta)
     uio.makedirs(str(cache_dir))
     # Both files are written to temporaries first and moved into place only when both are
-    # whole: a disk that fills up part-way (uio.WriteError) leaves the previous entry as it was.
+    # whole: a disk that fills up part-way (atomic_write.WriteError) leaves the previous entry as it was.
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(volume), allow_pickle=False)
     sidecar = (json.dumps(meta, indent=1) + "\n").encode("utf-8")
-    uio.atomic_write_many(
+    atomic_write_many(
         [(volume_path(cache_dir, uid), buf.getvalue()), (meta_path(cache_dir, uid), sidecar)]
     )
 
@@ -187,7 +189,7 @@ def read_volume(cache_dir: str, uid: str, mmap: bool = False) -> np.ndarray:
     if not uio.exists(path):
         raise DataError(path, "cache volume is missing")
     try:
-        volume = uio.load_npy(path, mmap=mmap)
+        volume = load_npy(path, mmap=mmap)
     except (ValueError, TypeError, OverflowError, OSError, EOFError, SyntaxError) as err:
         raise DataError(path, f"cache volume is truncated or corrupt ({_cut(err)})") from None
     if volume.dtype != np.int16 or volume.ndim != 3:
@@ -223,7 +225,7 @@ def _npy_header(path: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from a `.npy` header without reading the data; checks the file size."""
     size = uio.getsize(path)
     with uio.open_file(path, "rb") as f:
-        shape, _, dtype, offset = uio.npy_header(f)
+        shape, _, dtype, offset = npy_header(f)
     if size - offset != math.prod(int(n) for n in shape) * dtype.itemsize:
         raise ValueError(f"{size - offset} data bytes for shape {list(shape)} {dtype}")
     return shape, dtype

@@ -48,7 +48,8 @@ from tf_agg3d.data.luna16.csv_io import read_seriesuids
 from tf_agg3d.dataloaders import augment
 from tf_agg3d.ops.anchors import multilevel_anchors
 from tf_agg3d.ops.targets import assign_anchor_targets
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.filesystems import is_url
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ class _Volumes:
         remote: bool | None = None,
     ):
         self._dir = cache_dir
-        self.remote = uio.is_url(cache_dir) if remote is None else bool(remote)
+        self.remote = is_url(cache_dir) if remote is None else bool(remote)
         self.budget_bytes = int(budget_bytes)
         # Cache volumes are int16 (cache.write_entry refuses anything else).
         self.total_bytes = sum(2 * int(np.prod(s.shape)) for s in scans)

@@ -25,7 +25,8 @@ from tf_agg3d.data.errors import DataError
 from tf_agg3d.evaluation.froc import MatchResult
 from tf_agg3d.evaluation.io import Annotations, Predictions
 from tf_agg3d.evaluation.plots import save_figure
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def write_gallery(
         save_figure(fig, uio.join(out_dir, name), dpi=100)
         entry["file"] = name
         index.append(entry)
-    uio.atomic_write_json(uio.join(out_dir, "index.json"), index)
+    atomic_write_json(uio.join(out_dir, "index.json"), index)
     return index
 
 

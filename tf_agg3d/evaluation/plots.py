@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
 from tf_agg3d.evaluation.froc import BootstrapResult, FrocResult
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils.atomic_write import atomic_write_bytes
 
 
 def froc_figure(
@@ -62,7 +62,7 @@ def save_figure(fig: Figure, path: str, dpi: int = 150) -> None:
     """Writes a figure as PNG atomically (local path or `tf.io.gfile` URL)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
-    uio.atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_froc(

@@ -40,7 +40,8 @@ from tf_agg3d.evaluation.io import (
 )
 from tf_agg3d.evaluation.plots import plot_froc
 from tf_agg3d.evaluation.tnp import tnp_score
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_json, atomic_write_text
 
 # What EvalInputs.score_column takes: one score column, or "all" for the per-branch FROCs.
 SCORE_CHOICES = (*SCORE_COLUMNS, "all")
@@ -315,7 +316,7 @@ def evaluate(
             inputs.unknown_seriesuids,
             done=(main_column, result, ci),
         )
-    uio.atomic_write_json(uio.join(out_dir, "summary.json"), summary)
+    atomic_write_json(uio.join(out_dir, "summary.json"), summary)
     return summary
 
 
@@ -332,7 +333,7 @@ def _write_curve(path: str, curve: froc_lib.FrocCurve) -> None:
         (repr(float(f)), repr(float(s)), repr(float(t)))
         for f, s, t in zip(curve.fps, curve.sensitivity, curve.thresholds, strict=True)
     ]
-    uio.atomic_write_text(path, _csv_text(["fps_per_scan", "sensitivity", "threshold"], rows))
+    atomic_write_text(path, _csv_text(["fps_per_scan", "sensitivity", "threshold"], rows))
 
 
 def _write_nodules(path: str, m: froc_lib.MatchResult, annotations) -> None:
@@ -360,4 +361,4 @@ def _write_nodules(path: str, m: froc_lib.MatchResult, annotations) -> None:
         "detected",
         "probability",
     ]
-    uio.atomic_write_text(path, _csv_text(header, rows))
+    atomic_write_text(path, _csv_text(header, rows))

@@ -83,3 +83,40 @@ def prediction_jobs(
     if luna_root:
         return luna16_jobs(luna_root, subsets, uids)
     return cache_jobs(cache, uids)
+
+
+def run_jobs(
+    jobs: Sequence[tuple[str, Job]],
+    predictor,
+    note: Callable[[str], None],
+    step: str = "",
+    unit: str = "windows",
+) -> tuple[list[dict], list[tuple[str, Exception]]]:
+    """Runs every job with `predictor`, one progress line per scan.
+
+    A failed scan does not stop the others: its line says ``FAILED`` and why.
+
+    Args:
+      jobs: ``[(label, job)]`` (see :func:`prediction_jobs`).
+      note: line printer; each line starts ``[{step}n/N]``.
+      unit: what ``predictor.last_stats.num_windows`` counts (``windows``, ``tile(s)``).
+
+    Returns:
+      (the findings' CSV rows, ``(label, error)`` of each failed scan).
+    """
+    rows, failed = [], []
+    for n, (label, job) in enumerate(jobs, start=1):
+        at = f"[{step}{n}/{len(jobs)}]"
+        try:
+            uid, findings = job(predictor)
+        except Exception as err:  # noqa: BLE001 - one bad scan must not stop the others
+            failed.append((label, err))
+            note(f"{at} {label} FAILED: {type(err).__name__}: {err}")
+            continue
+        stats = predictor.last_stats
+        note(
+            f"{at} {uid}: {stats.num_windows} {unit}, {stats.seconds:.1f} s, "
+            f"{len(findings)} findings"
+        )
+        rows.extend(f.as_row(uid) for f in findings)
+    return rows, failed

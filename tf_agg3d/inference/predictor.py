@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from tf_agg3d.config import ExperimentConfig
 from tf_agg3d.models.whole_scan import WholeScanDetector
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.filesystems import is_url
 
 # Extra columns of the submission CSV, after LUNA16's seriesuid,coordX,coordY,coordZ,probability.
 EXTRA_COLUMNS = ("diameter_mm", "rpn_score", "fpr_score")
@@ -109,7 +110,7 @@ def scan_uid(path: str) -> str:
     path = str(path)
     # normpath would fold the '//' of 's3://' and trailing slashes differ by backend; URLs take
     # the object name.
-    name = uio.basename(path) if uio.is_url(path) else os.path.basename(os.path.normpath(path))
+    name = uio.basename(path) if is_url(path) else os.path.basename(os.path.normpath(path))
     for ext in (".nii.gz", ".mhd", ".mha", ".nii", ".nrrd", ".nhdr", ".dcm"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]

@@ -24,7 +24,7 @@ still resolves.
 
 MODEL_DIR may be an ``s3://`` / ``gs://`` URL: TensorFlow's checkpoint writer and
 ``CheckpointManager`` go through ``tf.io.gfile``, whose object-store renames are copy + delete
-(:mod:`tf_agg3d.utils.io`), and folders are removed with ``tf.io.gfile.rmtree`` there.
+(:mod:`tf_agg3d.utils.atomic_write`), and folders are removed with ``tf.io.gfile.rmtree`` there.
 
 Corruption at rest: a checkpoint whose files are truncated or damaged (a copy cut short, a bad
 disk) fails to restore with TensorFlow's DataLossError / "Read less bytes than requested".
@@ -44,7 +44,9 @@ import shutil
 
 import tensorflow as tf
 
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_text, is_storage_full
+from tf_agg3d.utils.filesystems import ensure_filesystems, is_url
 
 CHECKPOINTS = "checkpoints"
 CONFIG_NAME = "config.yaml"
@@ -145,7 +147,7 @@ def find_checkpoint(model_dir: str, checkpoint: str | None = None) -> str:
     """
     model_dir = str(model_dir)
     # s3:// exists for tf.io.gfile and the checkpoint reader only once tensorflow-io is loaded.
-    uio.ensure_filesystems(model_dir, checkpoint)
+    ensure_filesystems(model_dir, checkpoint)
     root = uio.join(model_dir, CHECKPOINTS)
     if checkpoint is None or checkpoint == "":
         for directory in (root, model_dir):
@@ -159,7 +161,7 @@ def find_checkpoint(model_dir: str, checkpoint: str | None = None) -> str:
     name = str(checkpoint)
     if name.isdigit():
         name = f"ckpt-{name}"
-    candidates = [name] if os.path.isabs(name) or uio.is_url(name) else []
+    candidates = [name] if os.path.isabs(name) or is_url(name) else []
     candidates += [uio.join(model_dir, name), uio.join(root, name)]
     if tf.io.gfile.isdir(root):
         candidates += sorted(tf.io.gfile.glob(uio.join(root, "*", name + ".index")))
@@ -175,7 +177,7 @@ def find_checkpoint(model_dir: str, checkpoint: str | None = None) -> str:
 
 def _remove_tree(path: str) -> None:
     """Removes a folder, local or URL; a missing one is fine."""
-    if uio.is_url(path):
+    if is_url(path):
         # shutil knows nothing of URLs; on object stores this deletes every object below.
         with contextlib.suppress(tf.errors.NotFoundError):
             if tf.io.gfile.exists(path):
@@ -199,7 +201,7 @@ def _write_pointer(model_dir: str, prefix: str) -> None:
     root = uio.join(model_dir, CHECKPOINTS)
     rel = prefix[len(root) :].lstrip("/") if prefix.startswith(root) else prefix
     text = f'model_checkpoint_path: "{rel}"\nall_model_checkpoint_paths: "{rel}"\n'
-    uio.atomic_write_text(uio.join(root, "checkpoint"), text)
+    atomic_write_text(uio.join(root, "checkpoint"), text)
 
 
 class PhaseCheckpoints:
@@ -330,7 +332,7 @@ class PhaseCheckpoints:
         except (tf.errors.OpError, OSError) as err:
             if self.chief and not uio.exists(target + ".index"):
                 _remove_partial(target)
-            full = uio.is_storage_full(err)
+            full = is_storage_full(err)
             raise CheckpointWriteError(
                 f"{target}: cannot save the checkpoint ("
                 + ("the storage is full: " if full else "")

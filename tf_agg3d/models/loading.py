@@ -24,7 +24,7 @@ from tf_agg3d.models.checkpoints import (
     find_checkpoint,
     phase_checkpoints,
 )
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
 
 # Side of the dummy cube that creates the variables: the smallest input with a whole cell on
 # the stride-16 level and room for the FPRN's crops; variables do not depend on input size.

@@ -1,13 +1,30 @@
-"""Whole-scan detection in one TensorFlow graph: sliding windows, FPRN rescoring, merge, NMS.
+"""Whole-scan detection in one TensorFlow graph: backbone, proposals, FPRN rescoring, NMS.
 
 :class:`WholeScanDetector` wraps a trained detector for a whole preprocessed scan. Its
 :meth:`~WholeScanDetector.detect` takes the scan's HU volume and returns its findings; everything
-runs in-graph with stock TensorFlow ops (``tf.while_loop`` over window batches, a
-``TensorArray`` for the proposals, :func:`~tf_agg3d.ops.nms.nms_3d_padded`), so the same code
-serves training's whole-scan checks (:mod:`tf_agg3d.training.abs`), in-process prediction and
-the exported SavedModel.
+runs in-graph with stock TensorFlow ops (``tf.while_loop`` over tiles or window batches,
+``TensorArray`` s, :func:`~tf_agg3d.ops.nms.nms_3d_padded`), so the same code serves training's
+whole-scan checks (:mod:`tf_agg3d.training.abs`), in-process prediction and the exported
+SavedModel. Two paths, chosen by ``inference.mode``:
 
-Pipeline, per scan:
+**tiles** (default; needs a ``DenseUNet3D`` backbone, any other runs ``windows``):
+
+1. The volume is padded at its end to a multiple of the coarsest stride (16) with the fill
+   value; that padded volume is what "one whole-volume pass" means.
+2. The backbone runs once over it (:mod:`tf_agg3d.models.tiled_backbone`): its
+   full-resolution stem in tiles with an exact 8-voxel halo, as few as the memory budget
+   (``inference.memory_budget_mb``) allows, skipping cells whose receptive field is all fill
+   (``inference.skip_fill``; exact: they get the all-fill response); the rest of the network
+   on the assembled stride-4 map in one pass. The features equal a single whole-volume pass.
+3. The RPN heads run on the whole pyramid maps; anchors above ``inference.score_threshold``
+   are decoded, the best ``inference.tiles_pre_nms_top_k`` go through 3D NMS (IoU
+   ``model.proposals.nms_iou``, as a window's proposals do) keeping at most
+   ``max_proposals_per_scan`` (:mod:`tf_agg3d.models.scan_proposals`).
+4. The FPRN rescores them on the whole-scan maps; the final score is the mean of the RPN and
+   FPRN probabilities; 3D NMS (IoU ``nms_iou``) on it keeps at most ``max_marks``.
+
+**windows** (the paper's sliding-window test; the loop over windows is
+:mod:`tf_agg3d.models.windowed_scan`):
 
 1. The volume is padded to at least one window per axis and covered by overlapping windows
    (:mod:`tf_agg3d.ops.sliding_window`), processed `window_batch_size` at a time.
@@ -24,16 +41,30 @@ Pipeline, per scan:
    dropped, the final score is the mean of the RPN and FPRN probabilities, the best
    `max_proposals_per_scan` go through 3D NMS (IoU `nms_iou`) on the final score and at most
    `max_marks` remain, sorted by decreasing score.
+7. With ``skip_fill``, a batch whose windows are all fill is not run: its outputs are those of
+   one all-fill window, computed once per scan when needed (identical input, identical
+   output: exact).
 
-Why the FPRN runs per window, before the cross-window NMS (and not after it, as the paper's
-"merge, NMS, then rescore" reading would suggest): rescoring after the merge would need every
-window's pyramid features at once (hundreds of MiB per window at 128^3; dozens of windows per
-scan) or a second backbone pass per surviving proposal. Rescoring in the window where the
-proposal is most central needs neither: memory is bounded by one window batch, and each
-proposal is classified with the fullest context any window offers (its Diameter-Aligned crops
-are never cut by the window border, which a proposal near a border of another window would
-suffer). The NMS then operates on the final (RPN + FPRN) scores, so the best-rescored duplicate
-survives.
+Why the windows path runs the FPRN per window, before the cross-window NMS (and not after it,
+as the paper's "merge, NMS, then rescore" reading would suggest): rescoring after the merge
+would need every window's pyramid features at once or a second backbone pass per surviving
+proposal. The tiles path has the whole scan's pyramid maps at once (47 MiB for a 224 x 304 x 304
+scan), so it merges first and rescores after.
+
+**How the two paths differ.** The tiles path equals one backbone pass over the whole scan
+(tests: features within 1e-5). A window instead sees zero padding (HU -1200 after
+normalisation) at its own borders inside the scan, and the network's receptive field reaches
+94 voxels past a stride-4 cell (:func:`~tf_agg3d.models.receptive_field.receptive_field`),
+more than the 16 voxels between a core boundary and its window's border at the default overlap
+of 32; window features therefore differ from whole-scan ones near window borders, and so can
+scores and, for proposals that straddle two window cores, which of two overlapping proposals
+survives the first NMS (per window there, per scan here). ``tests/models/
+test_tiled_whole_scan.py`` measures the difference on a trained model.
+
+**Precision** (``inference.precision``, :mod:`tf_agg3d.models.precision`): the backbone runs in
+bfloat16 or float32; the RPN and FPRN heads always run in float32. The float32 windows path is
+the Keras model itself; the others run :class:`~tf_agg3d.models.inference_backbone.
+InferenceBackbone` (the same network in plain ops).
 
 With the FPRN disabled (`use_fpr=False`, or a detector built without it), ``scores`` are the
 RPN probabilities and ``fpr_scores`` repeat them, so callers and the SavedModel keep one output
@@ -42,9 +73,16 @@ layout.
 
 from __future__ import annotations
 
+import dataclasses
+
 import tensorflow as tf
 
 from tf_agg3d.config import InferenceConfig
+from tf_agg3d.models.inference_backbone import InferenceBackbone, supports
+from tf_agg3d.models.precision import resolve_precision
+from tf_agg3d.models.scan_proposals import scan_proposals
+from tf_agg3d.models.tiled_backbone import plan_tiles, tiled_stem
+from tf_agg3d.models.windowed_scan import window_candidates
 from tf_agg3d.ops import sliding_window as sw
 from tf_agg3d.ops.nms import nms_3d_padded
 
@@ -64,15 +102,23 @@ def detector_has_fpr(detector) -> bool:
 
 
 class WholeScanDetector(tf.Module):
-    """Sliding-window detection over whole scans, exportable as a SavedModel.
+    """Whole-scan detection (tiles or sliding windows), exportable as a SavedModel.
 
     Args:
       detector: an ``Agg3DDetector`` (or any object with its ``features``, ``rpn``, ``propose``
         and ``classify`` methods), already built.
-      inference_config: windows, threshold, NMS and output limits.
-      fill_hu: HU used to pad volumes smaller than a window (the cache's fill value).
+      inference_config: path, precision, memory budget, windows, threshold, NMS and output
+        limits.
+      fill_hu: the cache's fill value: pads volumes (to a window, or to a multiple of 16), and
+        marks the regions ``skip_fill`` skips.
       use_fpr: rescore with the FPRN; None: when the detector has an enabled FPRN.
       name: module name.
+
+    Attributes:
+      mode: the path that runs, ``"tiles"`` or ``"windows"`` (``windows`` when tiles were asked
+        for but the backbone is not a ``DenseUNet3D``).
+      precision: ``"float32"`` or ``"bfloat16"``, the resolved ``inference.precision`` (float32
+        for a backbone :mod:`~tf_agg3d.models.inference_backbone` cannot run).
 
     Raises:
       ValueError: an invalid window size / overlap / batch size.
@@ -88,6 +134,7 @@ class WholeScanDetector(tf.Module):
     ):
         super().__init__(name=name)
         cfg = inference_config
+        self.inference_config = cfg
         self.detector = detector
         self.window_size = sw.validate_windows(cfg.window_size, cfg.overlap)
         self.overlap = int(cfg.overlap)
@@ -102,10 +149,69 @@ class WholeScanDetector(tf.Module):
         self.max_candidates = int(cfg.max_proposals_per_scan)
         self.fill_hu = float(fill_hu)
         self.use_fpr = detector_has_fpr(detector) if use_fpr is None else bool(use_fpr)
+        self.skip_fill = bool(cfg.skip_fill)
+        self.memory_budget_mb = int(cfg.memory_budget_mb)
+        self.tiles_pre_nms_top_k = int(cfg.tiles_pre_nms_top_k)
+        tileable = supports(detector)
+        # A plain object (not tracked): it holds no variables, it reads the detector's.
+        self._net = (
+            InferenceBackbone(detector.backbone, detector.normalizer, detector.pyramid_strides)
+            if tileable
+            else None
+        )
+        self.mode = "tiles" if cfg.mode == "tiles" and tileable else "windows"
+        self.precision = resolve_precision(cfg.precision) if tileable else "float32"
+
+    @property
+    def compute_dtype(self) -> tf.DType:
+        return tf.bfloat16 if self.precision == "bfloat16" else tf.float32
+
+    def for_export(self) -> WholeScanDetector:
+        """The module an exported SavedModel runs: the same path, ``auto`` precision as float32.
+
+        A SavedModel is served on CPUs this process cannot see: a bfloat16 graph on a CPU
+        without native bfloat16 runs its convolutions emulated, slower than float32. Only an
+        explicit ``inference.precision: bfloat16`` exports bfloat16.
+        """
+        cfg = self.inference_config
+        if cfg.precision != "auto" or self.precision == "float32":
+            return self
+        return WholeScanDetector(
+            self.detector,
+            dataclasses.replace(cfg, precision="float32"),
+            fill_hu=self.fill_hu,
+            use_fpr=self.use_fpr,
+            name=self.name,
+        )
+
+    def describe(self) -> dict:
+        """The resolved settings (for logs and benchmarks)."""
+        out = {"mode": self.mode, "precision": self.precision, "skip_fill": self.skip_fill}
+        if self.mode == "tiles":
+            out.update(
+                memory_budget_mb=self.memory_budget_mb,
+                stem_halo=self._net.stem_halo,
+                max_region_voxels=self.max_region_voxels,
+            )
+        else:
+            out.update(window_size=list(self.window_size), overlap=self.overlap)
+        return out
+
+    @property
+    def max_region_voxels(self) -> int:
+        """Largest stem tile region (voxels) the memory budget allows."""
+        per_voxel = self._net.stem_bytes_per_voxel(self.compute_dtype)
+        return max(1, self.memory_budget_mb * 2**20 // per_voxel)
 
     # ----------------------------------------------------------------------------------------
     # One batch of windows
     # ----------------------------------------------------------------------------------------
+
+    def _features(self, volume: tf.Tensor) -> dict:
+        """Pyramid features of float32 HU [B, D, H, W, 1] in the configured precision."""
+        if self.precision == "bfloat16":
+            return self._net.features(volume, tf.bfloat16)
+        return self.detector.features(volume, training=False)
 
     def _classify_kept(self, features, boxes, levels, valid) -> tf.Tensor:
         """FPRN logits [B, P] of the valid proposals only (0 elsewhere).
@@ -128,6 +234,21 @@ class WholeScanDetector(tf.Module):
         logits = tf.cond(count > 0, run, lambda: tf.zeros(tf.shape(valid), tf.float32))
         return tf.where(valid, logits, tf.zeros_like(logits))
 
+    def _rescore(self, features, boxes, levels, rpn_scores, valid) -> dict[str, tf.Tensor]:
+        """FPRN and final scores of the valid proposals; every score 0 where invalid."""
+        if self.use_fpr:
+            fpr_scores = tf.sigmoid(self._classify_kept(features, boxes, levels, valid))
+            scores = (rpn_scores + fpr_scores) / 2.0
+        else:
+            fpr_scores = rpn_scores
+            scores = rpn_scores
+        zeros = tf.zeros_like(scores)
+        return {
+            "rpn_scores": tf.where(valid, rpn_scores, zeros),
+            "fpr_scores": tf.where(valid, fpr_scores, zeros),
+            "scores": tf.where(valid, scores, zeros),
+        }
+
     def _forward(self, crops: tf.Tensor, mask_fn=None) -> dict[str, tf.Tensor]:
         """Proposals and scores of a batch of windows.
 
@@ -142,7 +263,7 @@ class WholeScanDetector(tf.Module):
           ``valid`` bool [B, P] (real proposal, RPN probability above the threshold, mask_fn).
         """
         volume = crops[..., None]
-        features = self.detector.features(volume, training=False)
+        features = self._features(volume)
         logits, deltas = self.detector.rpn(features, training=False)
         # The detector's own decoding (per level, top-k, per-window NMS), gated by the
         # inference threshold rather than the training-time proposal threshold.
@@ -154,22 +275,10 @@ class WholeScanDetector(tf.Module):
         valid = tf.logical_and(proposals["valid"], rpn_scores > self.score_threshold)
         if mask_fn is not None:
             valid = tf.logical_and(valid, mask_fn(boxes))
-        levels = proposals["levels"]
-        if self.use_fpr:
-            fpr_scores = tf.sigmoid(self._classify_kept(features, boxes, levels, valid))
-            scores = (rpn_scores + fpr_scores) / 2.0
-        else:
-            fpr_scores = rpn_scores
-            scores = rpn_scores
-        zeros = tf.zeros_like(scores)
-        return {
-            "boxes": boxes,
-            "levels": tf.cast(levels, tf.int32),
-            "rpn_scores": tf.where(valid, rpn_scores, zeros),
-            "fpr_scores": tf.where(valid, fpr_scores, zeros),
-            "scores": tf.where(valid, scores, zeros),
-            "valid": valid,
-        }
+        levels = tf.cast(proposals["levels"], tf.int32)
+        out = self._rescore(features, boxes, levels, rpn_scores, valid)
+        out.update(boxes=boxes, levels=levels, valid=valid)
+        return out
 
     @tf.function(reduce_retracing=True)
     def detect_crops(self, crops: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -200,62 +309,18 @@ class WholeScanDetector(tf.Module):
         Returns:
           dict of ``boxes`` float32 [N, 4] (z, y, x, d in voxels of `volume`), ``scores`` [N]
           (mean of RPN and FPRN probabilities), ``rpn_scores`` [N], ``fpr_scores`` [N],
-          ``num_detections`` int32 scalar (= N <= max_marks) and ``num_windows`` int32 scalar;
-          rows sorted by decreasing score.
+          ``num_detections`` int32 scalar (= N <= max_marks), ``num_windows`` int32 scalar
+          (backbone calls: windows, or stem tiles, that were computed, not skipped) and
+          ``evaluated_voxels`` int64 scalar (input voxels those calls evaluated); rows sorted
+          by decreasing score.
         """
         volume = tf.ensure_shape(tf.cast(volume, tf.float32), [None, None, None])
-        grid = sw.window_grid(tf.shape(volume), self.window_size, self.overlap)
-        padded = sw.pad_volume(volume, self.window_size, self.fill_hu)
-        num_windows = grid["num_windows"]
-        batch = self.window_batch_size
-        num_batches = (num_windows + batch - 1) // batch
+        if self.mode == "tiles":
+            return self._detect_tiles(volume)
+        return self._detect_windows(volume)
 
-        def body(b, ta_boxes, ta_rpn, ta_fpr, ta_score):
-            index = b * batch + tf.range(batch)
-            real = index < num_windows
-            # The last batch is topped up with copies of the last window, masked out below,
-            # so every backbone call has the same static batch size.
-            index = tf.minimum(index, num_windows - 1)
-            starts = tf.gather(grid["starts"], index)
-            crops = tf.stack(
-                [tf.slice(padded, starts[j], self.window_size) for j in range(batch)], axis=0
-            )
-            offsets = tf.cast(starts, tf.float32)[:, None, :]
-            lo = tf.gather(grid["core_lo"], index)
-            hi = tf.gather(grid["core_hi"], index)
-
-            def keep(boxes):
-                centres = boxes[..., :3] + offsets
-                return tf.logical_and(real[:, None], sw.in_core(centres, lo, hi))
-
-            out = self._forward(crops, mask_fn=keep)
-            valid = out["valid"]
-            boxes = tf.concat([out["boxes"][..., :3] + offsets, out["boxes"][..., 3:]], axis=-1)
-            return (
-                b + 1,
-                ta_boxes.write(b, tf.boolean_mask(boxes, valid)),
-                ta_rpn.write(b, tf.boolean_mask(out["rpn_scores"], valid)),
-                ta_fpr.write(b, tf.boolean_mask(out["fpr_scores"], valid)),
-                ta_score.write(b, tf.boolean_mask(out["scores"], valid)),
-            )
-
-        def array(shape):
-            return tf.TensorArray(
-                tf.float32, size=num_batches, infer_shape=False, element_shape=shape
-            )
-
-        _, ta_boxes, ta_rpn, ta_fpr, ta_score = tf.while_loop(
-            lambda b, *_: b < num_batches,
-            body,
-            (tf.constant(0), array([None, 4]), array([None]), array([None]), array([None])),
-            # One window batch in flight at a time: peak memory is one batch's activations.
-            parallel_iterations=1,
-        )
-        boxes = ta_boxes.concat()
-        rpn_scores = ta_rpn.concat()
-        fpr_scores = ta_fpr.concat()
-        scores = ta_score.concat()
-
+    def _finish(self, boxes, rpn_scores, fpr_scores, scores) -> dict[str, tf.Tensor]:
+        """The best `max_candidates` by final score, 3D NMS on it, at most `max_marks`."""
         # Bound the NMS cost (its IoU matrix is quadratic) by the best candidates only.
         k = tf.minimum(tf.shape(scores)[0], self.max_candidates)
         top = tf.math.top_k(scores, k=k, sorted=True).indices
@@ -270,5 +335,72 @@ class WholeScanDetector(tf.Module):
             "rpn_scores": tf.gather(rpn_scores, kept),
             "fpr_scores": tf.gather(fpr_scores, kept),
             "num_detections": count,
-            "num_windows": num_windows,
         }
+
+    # -- windows -------------------------------------------------------------------------------
+
+    def _detect_windows(self, volume: tf.Tensor) -> dict[str, tf.Tensor]:
+        candidates, calls = window_candidates(
+            volume,
+            self._forward,
+            self._proposal_count(),
+            window_size=self.window_size,
+            overlap=self.overlap,
+            batch_size=self.window_batch_size,
+            fill_hu=self.fill_hu,
+            skip_fill=self.skip_fill,
+        )
+        out = self._finish(*candidates)
+        window_voxels = int(self.window_size[0] * self.window_size[1] * self.window_size[2])
+        out["num_windows"] = calls
+        out["evaluated_voxels"] = tf.cast(calls, tf.int64) * window_voxels
+        return out
+
+    def _proposal_count(self) -> int:
+        """P, the proposal slots of a window (the detector's ``max_proposals``)."""
+        config = getattr(self.detector, "proposal_config", None)
+        if config is not None:
+            return int(config.max_proposals)
+        return int(self.detector.max_proposals)
+
+    # -- tiles ---------------------------------------------------------------------------------
+
+    def _detect_tiles(self, volume: tf.Tensor) -> dict[str, tf.Tensor]:
+        det, net = self.detector, self._net
+        multiple = max(net.strides)
+        shape = tf.shape(volume)
+        padded_shape = (shape + multiple - 1) // multiple * multiple
+        padded = tf.pad(
+            volume,
+            tf.stack([tf.zeros([3], tf.int32), padded_shape - shape], axis=1),
+            constant_values=self.fill_hu,
+        )
+        plan = plan_tiles(padded_shape, net.stem_halo, self.max_region_voxels)
+        stem, stats = tiled_stem(
+            net, padded, plan, self.fill_hu, self.compute_dtype, skip_fill=self.skip_fill
+        )
+        features = net.trunk(stem)
+        logits, deltas = det.rpn(features, training=False)
+        proposals = scan_proposals(
+            det,
+            logits,
+            deltas,
+            padded_shape,
+            self.score_threshold,
+            self.tiles_pre_nms_top_k,
+            self.max_candidates,
+        )
+        boxes, levels, rpn_scores, valid = (
+            proposals[k][None] for k in ("boxes", "levels", "rpn_scores", "valid")
+        )
+        scored = self._rescore(features, boxes, levels, rpn_scores, valid)
+        count = proposals["count"]
+        out = self._finish(
+            boxes[0, :count],
+            scored["rpn_scores"][0, :count],
+            scored["fpr_scores"][0, :count],
+            scored["scores"][0, :count],
+        )
+        out["num_windows"] = stats["tiles_computed"]
+        out["evaluated_voxels"] = stats["evaluated_voxels"]
+        return out

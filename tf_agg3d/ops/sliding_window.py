@@ -153,3 +153,27 @@ def in_core(centres: tf.Tensor, core_lo: tf.Tensor, core_hi: tf.Tensor) -> tf.Te
     lo = tf.expand_dims(core_lo, -2)
     hi = tf.expand_dims(core_hi, -2)
     return tf.reduce_all(tf.logical_and(centres >= lo, centres < hi), axis=-1)
+
+
+def fill_windows(
+    padded: tf.Tensor, starts: tf.Tensor, window_size: Sequence[int], fill_value: float
+) -> tf.Tensor:
+    """Whether each window holds nothing but the fill value.
+
+    Args:
+      padded: [D, H, W] volume after :func:`pad_volume`.
+      starts: int32 [N, 3] window starts (:func:`window_grid`).
+      window_size: static (wd, wh, ww).
+      fill_value: the cache's fill HU (every voxel farther than the lung dilation from the
+        lungs holds it).
+
+    Returns:
+      bool [N].
+    """
+    window = [int(w) for w in window_size]
+    nonfill = tf.not_equal(padded, tf.cast(fill_value, padded.dtype))
+
+    def one(start):
+        return tf.logical_not(tf.reduce_any(tf.slice(nonfill, start, window)))
+
+    return tf.map_fn(one, starts, fn_output_signature=tf.TensorSpec([], tf.bool))

@@ -3,7 +3,9 @@
 - :mod:`tf_agg3d.pipelines.preprocess`: LUNA16 -> the cache, one element per scan, with the
   functions and the cache entries of ``python -m tf_agg3d.preprocess``;
 - :mod:`tf_agg3d.pipelines.predict`: RunInference on an exported SavedModel's ``detect``
-  signature -> the submission CSV of ``python -m tf_agg3d.predict``;
+  signature -> the submission CSV of ``python -m tf_agg3d.predict``; its steps are
+  ``predict_jobs`` (which scans), ``predict_model`` (which SavedModel), ``predict_inference``
+  (a scan's volume, then ``detect``) and ``predict_output`` (the rows, shards and the CSV);
 - :mod:`tf_agg3d.pipelines.common`: the runner defaults, the dead-letter file, the counters.
 
 Both run on any Beam runner (the DirectRunner on the local cores by default; Dataflow, Flink,

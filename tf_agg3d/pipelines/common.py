@@ -24,10 +24,11 @@ import io
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from tf_agg3d.utils import io as uio
-from tf_agg3d.utils.io import MissingExtraError
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_text
+from tf_agg3d.utils.filesystems import MissingExtraError, is_url
 
 BEAM_EXTRA_HINT = "pip install 'tf_agg3d[beam]' (or: pip install -r requirements/beam.txt)"
 METRICS_NAMESPACE = "tf_agg3d"
@@ -202,7 +203,7 @@ def check_reachable(info: RunnerInfo, paths: Iterable[tuple[str, str | None]]) -
     """
     if info.local:
         return
-    local = [f"{flag} {path}" for flag, path in paths if path and not uio.is_url(path)]
+    local = [f"{flag} {path}" for flag, path in paths if path and not is_url(path)]
     if local:
         raise ValueError(
             f"{info.name} runs the workers elsewhere: give object-storage URLs (gs://, s3://) "
@@ -274,7 +275,7 @@ def failures_csv(failures: Iterable[Failure]) -> str:
 
 def write_failures(path: str, failures: Iterable[Failure]) -> None:
     """Writes the dead-letter CSV atomically (a header alone when nothing failed)."""
-    uio.atomic_write_text(path, failures_csv(failures))
+    atomic_write_text(path, failures_csv(failures))
 
 
 def write_failures_step(failures: list, path: str) -> str:
@@ -289,6 +290,26 @@ def read_failures(path: str) -> list[Failure]:
         return []
     rows = list(csv.reader(io.StringIO(uio.read_text(path))))
     return [Failure(*row) for row in rows[1:] if len(row) == len(FAILURE_COLUMNS)]
+
+
+def summary_line(
+    job: str, counts: dict[str, int], seconds: float, per_item_s: float | None, runner: RunnerInfo
+) -> str:
+    """The line a run ends with (benchmarks parse it): ``beam JOB summary: k=v ...
+    seconds=S [worker_s_per_scan=W] runner=R``."""
+    fields = [f"{key}={value}" for key, value in counts.items()] + [f"seconds={seconds:.1f}"]
+    if per_item_s is not None:
+        fields.append(f"worker_s_per_scan={per_item_s:.3f}")
+    fields.append(f"runner={runner.describe()}")
+    return f"beam {job} summary: " + " ".join(fields)
+
+
+def report_failures(report: Callable[[str], None], failed: Sequence[Failure], path: str) -> None:
+    """A run's closing lines: each failed item, then the dead-letter CSV (none if none failed)."""
+    for f in failed:
+        report(f"  failed {f.uid} ({f.stage}): {f.error}")
+    if failed:
+        report(f"dead letters: {path}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +383,7 @@ def seconds_per_item(metrics: dict, *names: str) -> float | None:
 
 def remove_tree(path: str) -> None:
     """Deletes a folder (local) or every object under a prefix (URL); missing is fine."""
-    if uio.is_url(path):
+    if is_url(path):
         import tensorflow as tf
 
         with contextlib.suppress(tf.errors.NotFoundError):

@@ -35,7 +35,8 @@ from tf_agg3d.data import cache
 from tf_agg3d.data.preprocessing.runner import ScanJob, make_jobs
 from tf_agg3d.pipelines import common
 from tf_agg3d.pipelines.common import DoFn, Failure, RunnerInfo
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.filesystems import ensure_filesystems
 
 FAILURES_NAME = "_failures.csv"
 FAILED, SKIPPED = "failed", "skipped"
@@ -81,12 +82,9 @@ class PreprocessSummary:
         return common.seconds_per_item(self.metrics, "preprocess_ms_per_scan")
 
     def line(self) -> str:
-        per_scan = self.worker_seconds_per_scan
-        return (
-            f"beam preprocess summary: done={self.done} skipped={self.skipped} "
-            f"failed={len(self.failed)} seconds={self.seconds:.1f} "
-            + (f"worker_s_per_scan={per_scan:.3f} " if per_scan is not None else "")
-            + f"runner={self.runner.describe()}"
+        counts = {"done": self.done, "skipped": self.skipped, "failed": len(self.failed)}
+        return common.summary_line(
+            "preprocess", counts, self.seconds, self.worker_seconds_per_scan, self.runner
         )
 
 
@@ -257,7 +255,7 @@ def run_preprocess_pipeline(
     start = time.perf_counter()
     options, runner = common.pipeline_options(beam_args)
     common.check_reachable(runner, [("--luna-root", luna_root), ("--out", cache_dir)])
-    uio.ensure_filesystems(luna_root, cache_dir)
+    ensure_filesystems(luna_root, cache_dir)
     missing: dict[str, str] = {}
     if jobs is None:
         jobs, missing = make_jobs(
@@ -290,10 +288,7 @@ def run_preprocess_pipeline(
         metrics=totals,
     )
     report(summary.line())
-    for f in failed:
-        report(f"  failed {f.uid} ({f.stage}): {f.error}")
-    if failed:
-        report(f"dead letters: {failures_path(cache_dir)}")
+    common.report_failures(report, failed, failures_path(cache_dir))
     return summary
 
 

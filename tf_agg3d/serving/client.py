@@ -19,7 +19,10 @@ Command line::
       [--model agg3d] [--version N] --out findings.csv \\
       [--tls --ca-cert F --client-cert F --client-key F] [--deadline S]
 
-Requests and replies are built and read through :mod:`tf_agg3d.serving.protos`, shared with the
+This module holds :class:`Agg3DClient`'s calls (Predict, metadata, status) and its detection
+of scans. Every call goes through :mod:`tf_agg3d.serving.channel` (TLS, connection waits,
+retries); volumes, per-scan results and the output CSV are :mod:`tf_agg3d.serving.scans`;
+requests and replies are built and read through :mod:`tf_agg3d.serving.protos`, shared with the
 development server. The command line (its flags and exit statuses) is
 :mod:`tf_agg3d.cli.serving` (``agg3d-client``).
 
@@ -32,9 +35,7 @@ the command line prints it without a traceback. Scans, the output CSV and the TL
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -52,89 +53,9 @@ from tensorflow_serving.apis import (
 from tf_agg3d.config import ConfigError, PreprocessConfig, from_dict
 from tf_agg3d.inference.predictor import Finding, findings_from_detections, scan_uid
 from tf_agg3d.serving import contract, protos
-from tf_agg3d.serving.errors import ServingError, explain_status
-from tf_agg3d.utils import io as io_utils
-
-_INT16 = np.iinfo(np.int16)
-
-
-# --------------------------------------------------------------------------------------------
-# Volumes
-# --------------------------------------------------------------------------------------------
-
-
-def as_int16_volume(volume: Any) -> np.ndarray:
-    """A [D, H, W] int16 HU array; floats are rounded and clipped as the scan reader does.
-
-    Raises:
-      ValueError: not three-dimensional, or not finite.
-    """
-    array = np.asarray(volume)
-    if array.ndim != 3:
-        raise ValueError(f"volume: expected a [D, H, W] array, got shape {list(array.shape)}")
-    if array.dtype == np.int16:
-        return array
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise ValueError("volume: expected finite HU values, found NaN or inf")
-        array = np.rint(array)
-    elif array.dtype.kind not in "iub":
-        raise ValueError(f"volume: expected numeric HU values, got dtype {array.dtype}")
-    return np.clip(array, _INT16.min, _INT16.max).astype(np.int16)
-
-
-def voxel_affine(spacing_mm: float = 1.0) -> np.ndarray:
-    """The affine of a volume without a known position: voxel (z, y, x) -> (x, y, z) * spacing."""
-    a = np.zeros((4, 4))
-    a[0, 2] = a[1, 1] = a[2, 0] = float(spacing_mm)
-    a[3, 3] = 1.0
-    return a
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ScanResult:
-    """The outcome of one scan of :meth:`Agg3DClient.detect_many`.
-
-    Attributes:
-      source: the path given (or ``"<array>"``).
-      seriesuid: from the file or folder name.
-      findings: world-mm findings, best first (empty on error).
-      seconds: wall time of reading, preprocessing and the Predict call.
-      error: the exception for a failed scan, else None.
-    """
-
-    source: str
-    seriesuid: str
-    findings: list[Finding] = dataclasses.field(default_factory=list)
-    seconds: float = 0.0
-    error: Exception | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-# --------------------------------------------------------------------------------------------
-# The client
-# --------------------------------------------------------------------------------------------
-
-
-def _read(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    import tensorflow as tf
-
-    try:
-        return io_utils.read_bytes(path)
-    except OSError as err:
-        raise ServingError(f"{path}: cannot read TLS file ({err.strerror})") from None
-    except tf.errors.OpError as err:  # a URL
-        raise ServingError(f"{path}: cannot read TLS file ({err.message})") from None
+from tf_agg3d.serving.channel import RetryingChannel
+from tf_agg3d.serving.errors import ServingError
+from tf_agg3d.serving.scans import ScanResult, as_int16_volume, voxel_affine
 
 
 class Agg3DClient:
@@ -202,40 +123,28 @@ class Agg3DClient:
         self.version_label = version_label or None
         self.signature = signature
         self.deadline_s = float(deadline_s)
-        self.retries = None if retries is None else max(0, int(retries))
-        self.backoff_s = max(0.001, float(backoff_s))
-        self.max_backoff_s = max(self.backoff_s, float(max_backoff_s))
-        self.connect_timeout_s = max(0.1, float(connect_timeout_s))
         self.max_concurrency = max(1, int(max_concurrency))
         self._preprocess = preprocess_config
         self._info: dict | None = None
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        options = [
-            ("grpc.max_send_message_length", int(max_message_bytes)),
-            ("grpc.max_receive_message_length", int(max_message_bytes)),
-            # Reconnect after a server restart within max_backoff_s (gRPC's default grows to
-            # 120 s), and give up a connection attempt that hangs after connect_timeout_s.
-            ("grpc.initial_reconnect_backoff_ms", int(self.backoff_s * 1000)),
-            ("grpc.max_reconnect_backoff_ms", int(self.max_backoff_s * 1000)),
-            ("grpc.min_reconnect_backoff_ms", int(self.connect_timeout_s * 1000)),
-        ]
-        if tls or ca_cert or client_cert:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(ca_cert),
-                private_key=_read(client_key),
-                certificate_chain=_read(client_cert),
-            )
-            if server_name:
-                options.append(("grpc.ssl_target_name_override", server_name))
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        else:
-            self._channel = grpc.insecure_channel(target, options=options)
-        self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
-        # True while the server has answered (the channel is up); False after UNAVAILABLE.
-        self._connected = False
-        self._watched_until = 0.0  # when the last connectivity subscription ended
+        self._channel = RetryingChannel(
+            target,
+            tls=tls,
+            ca_cert=ca_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
+            retries=retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            connect_timeout_s=connect_timeout_s,
+            max_message_bytes=max_message_bytes,
+        )
+        self._predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            self._channel.channel
+        )
+        self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel.channel)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -244,9 +153,6 @@ class Agg3DClient:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-        # gRPC's connectivity-polling thread notices an ended subscription within 0.2 s; a
-        # channel closed under it makes that thread raise (a stray traceback on stderr).
-        time.sleep(max(0.0, self._watched_until + 0.3 - time.monotonic()))
         self._channel.close()
 
     def __enter__(self) -> Agg3DClient:
@@ -263,98 +169,15 @@ class Agg3DClient:
             "version_label": self.version_label,
         }
 
-    def _await_connection(self, timeout_s: float) -> tuple[bool, str]:
-        """Connects unless connected: (False, the channel's state) when it hangs `timeout_s`.
-
-        True once the channel is READY, or has failed (TRANSIENT_FAILURE: the call then fails
-        at once with UNAVAILABLE and gRPC's reason, and is retried).
-        """
-        if self._connected:
-            return True, ""
-        settled = (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
-        changed = threading.Condition()
-        state: list[grpc.ChannelConnectivity] = []
-
-        def on_state(value: grpc.ChannelConnectivity) -> None:
-            with changed:
-                state[:] = [value]
-                changed.notify_all()
-
-        # Subscribed only while connecting, so no polling thread outlives the channel.
-        self._channel.subscribe(on_state, try_to_connect=True)
-        end = time.monotonic() + timeout_s
-        try:
-            with changed:
-                while not (state and state[0] in settled):
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        return False, state[0].name if state else "IDLE"
-                    changed.wait(min(left, 0.5))
-            return True, ""
-        finally:
-            self._channel.unsubscribe(on_state)
-            self._watched_until = time.monotonic()
-
-    def _backoff(self, retry: int, hint_s: float) -> float:
-        wait = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
-        return max(wait * random.uniform(0.5, 1.0), hint_s)
-
     def _call(self, method: Callable, request, *, deadline_s: float, signature: str | None):
-        """Calls `method`, retrying while `deadline_s` lasts; raises ServingError on failure.
-
-        Retried with backoff: UNAVAILABLE (server down or restarting: Predict has no side
-        effects, so a call cut off by a restart is safe to repeat), a connection not made
-        within `connect_timeout_s` (DEADLINE on connect), and RESOURCE_EXHAUSTED from an
-        overloaded server (after its retry hint). Everything else fails at once.
-        """
-        start = time.monotonic()
-        end = start + deadline_s
-        attempt = 0
-        while True:
-            attempt += 1
-            hint = 0.0
-            wait_s = max(0.0, min(end - time.monotonic(), self.connect_timeout_s))
-            connected, state = self._await_connection(wait_s)
-            if not connected:
-                # DEADLINE on connect: nothing answered (a host down, a port open but not
-                # serving yet); as retryable as UNAVAILABLE.
-                code = grpc.StatusCode.UNAVAILABLE
-                details = f"no connection within {wait_s:.1f} s (channel {state})"
-                retryable = True
-            else:
-                try:
-                    response = method(request, timeout=max(0.001, end - time.monotonic()))
-                    self._connected = True
-                    return response
-                except grpc.RpcError as err:
-                    code, details = err.code(), err.details() or ""
-                    hint = _retry_hint(err) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 0.0
-                    # A TLS handshake that fails will fail again: say so now, not at the deadline.
-                    retryable = (
-                        code == grpc.StatusCode.UNAVAILABLE and "handshake" not in details.lower()
-                    ) or hint > 0
-                    self._connected = code != grpc.StatusCode.UNAVAILABLE
-            remaining = end - time.monotonic()
-            if retryable and (self.retries is None or attempt <= self.retries) and remaining > 0.01:
-                time.sleep(min(remaining, self._backoff(attempt, hint)))
-                if end - time.monotonic() > 0.01:
-                    continue
-            raise ServingError(
-                explain_status(
-                    code,
-                    details,
-                    target=self.target,
-                    model=self.model_name,
-                    version=self.version,
-                    version_label=self.version_label,
-                    signature=signature,
-                    deadline_s=deadline_s,
-                    attempts=attempt,
-                    elapsed_s=time.monotonic() - start,
-                ),
-                code=code,
-                details=details,
-            ) from None
+        """Calls `method` through the retrying channel; raises ServingError on failure."""
+        asked = {
+            "model": self.model_name,
+            "version": self.version,
+            "version_label": self.version_label,
+            "signature": signature,
+        }
+        return self._channel.call(method, request, deadline_s=deadline_s, asked=asked)
 
     # -- raw calls -----------------------------------------------------------------------------
 
@@ -618,8 +441,9 @@ class Agg3DClient:
         """Findings of many scans, at most `max_concurrency` in flight (reading included).
 
         A scan that fails does not stop the others: its :class:`ScanResult` holds the error,
-        whose message names the scan. Each call is retried as :meth:`_call` says, so a server
-        restart shorter than the deadline costs no scan.
+        whose message names the scan. Each call is retried as
+        :meth:`~tf_agg3d.serving.channel.RetryingChannel.call` says, so a server restart
+        shorter than the deadline costs no scan.
 
         Args:
           paths: scan files or DICOM folders.
@@ -651,38 +475,6 @@ class Agg3DClient:
             max_workers=workers, thread_name_prefix="agg3d-scan"
         ) as pool:
             return list(pool.map(one, paths))
-
-
-def _retry_hint(err: grpc.RpcError) -> float:
-    """An overloaded server's retry hint in seconds; 0 for any other RESOURCE_EXHAUSTED.
-
-    The development server sends ``retry-after-ms`` and says "retry after"; gRPC's own limit
-    on concurrent calls says "Concurrent RPC limit exceeded". A message over the size limit has
-    neither, and is not worth retrying.
-    """
-    try:
-        for key, value in err.trailing_metadata() or ():
-            if key == contract.RETRY_AFTER_METADATA:
-                return max(0.001, float(value) / 1000.0)
-    except (TypeError, ValueError):
-        pass
-    details = err.details() or ""
-    if "retry after" in details or "Concurrent RPC limit exceeded" in details:
-        return 0.001
-    return 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# Results as a submission file
-# --------------------------------------------------------------------------------------------
-
-
-def write_findings_csv(path: str, results: Sequence[ScanResult]) -> int:
-    """Writes the LUNA16 CSV (+ diameter_mm, rpn_score, fpr_score) of the successful scans."""
-    from tf_agg3d.data.luna16.csv_io import write_predictions
-
-    rows = [f.as_row(r.seriesuid) for r in results if r.ok for f in r.findings]
-    return write_predictions(path, rows)
 
 
 if __name__ == "__main__":

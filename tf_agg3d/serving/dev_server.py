@@ -28,12 +28,13 @@ version it is about to load; before that it gets UNAVAILABLE, which it retries. 
 its version until it finishes, so a version published meanwhile serves the new requests while
 the old one finishes those in flight (:mod:`tf_agg3d.serving.servables`).
 
-This module is the gRPC side: the two servicers, which validate requests as TF-Serving does,
-the admission limit, and :class:`DevServer`, which listens (optionally with TLS) and polls.
-Which versions exist, load and answer is :mod:`tf_agg3d.serving.servables` (version policy,
-loading, warmup replay before AVAILABLE, TF-Serving's NOT_FOUND messages, the one-line report
-of each poll); the protobufs are built and read through :mod:`tf_agg3d.serving.protos`, as the
-client's are.
+This module is :class:`DevServer`, which listens (optionally with TLS), loads and polls. The
+gRPC services, which validate requests as TF-Serving does, are
+:mod:`tf_agg3d.serving.servicers`; the running/queued limit is
+:mod:`tf_agg3d.serving.admission`. Which versions exist, load and answer is
+:mod:`tf_agg3d.serving.servables` (version policy, loading, warmup replay before AVAILABLE,
+TF-Serving's NOT_FOUND messages, the one-line report of each poll); the protobufs are built and
+read through :mod:`tf_agg3d.serving.protos`, as the client's are.
 
 The base path and the TLS files may be ``s3://`` / ``gs://`` URLs; on object stores a version
 is loaded only once its ``saved_model.pb`` is there (``docs/serving.md``).
@@ -54,338 +55,19 @@ flags and exit statuses) is :mod:`tf_agg3d.cli.serving` (``agg3d-serve``).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 import tensorflow as tf
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from tf_agg3d.serving import contract, protos
-from tf_agg3d.serving.errors import RpcError
-from tf_agg3d.serving.servables import ModelManager, ServedVersion
-from tf_agg3d.utils import io as io_utils
-
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def _require_model_spec(request) -> None:
-    if not request.HasField("model_spec"):
-        raise RpcError(INVALID, "Missing ModelSpec")
-
-
-def _abort(context, err: RpcError) -> None:
-    if err.retry_after_s is not None:
-        ms = str(max(1, round(err.retry_after_s * 1000)))
-        context.set_trailing_metadata(((contract.RETRY_AFTER_METADATA, ms),))
-    context.abort(err.code, err.message)
-
-
-# --------------------------------------------------------------------------------------------
-# Admission: a bounded number of Predict calls running and waiting
-# --------------------------------------------------------------------------------------------
-
-
-class Admission:
-    """At most `max_running` Predict calls run and `max_queued` wait; the rest are refused.
-
-    A refused call gets RESOURCE_EXHAUSTED with a retry hint: the recent mean call time times
-    the calls ahead of it per running slot (0.05..30 s). Counters are kept for tests and
-    benchmarks (:meth:`stats`).
-    """
-
-    def __init__(self, max_running: int, max_queued: int):
-        if max_running < 1 or max_queued < 0:
-            raise ValueError(
-                f"max_concurrent_requests >= 1 and max_queued_requests >= 0 expected, got "
-                f"{max_running} and {max_queued}"
-            )
-        self.max_running = int(max_running)
-        self.max_queued = int(max_queued)
-        self._cond = threading.Condition()
-        self.running = self.queued = 0
-        self.peak_running = self.peak_queued = 0
-        self.admitted = self.rejected = 0
-        self._mean_s = 0.5  # call time, exponentially averaged
-
-    def retry_after_s(self) -> float:
-        ahead = self.running + self.queued + 1
-        return min(30.0, max(0.05, self._mean_s * ahead / self.max_running))
-
-    @contextlib.contextmanager
-    def admit(self, is_active: Callable[[], bool] = lambda: True) -> Iterator[None]:
-        """Runs the block in a slot; RpcError RESOURCE_EXHAUSTED when the queue is full."""
-        with self._cond:
-            if self.running >= self.max_running and self.queued >= self.max_queued:
-                self.rejected += 1
-                wait = self.retry_after_s()
-                raise RpcError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server overloaded: {self.running} Predict calls running and "
-                    f"{self.queued} queued (max_concurrent_requests={self.max_running}, "
-                    f"max_queued_requests={self.max_queued}); retry after {wait:.2f} s",
-                    retry_after_s=wait,
-                )
-            self.queued += 1
-            self.peak_queued = max(self.peak_queued, self.queued)
-            try:
-                while self.running >= self.max_running:
-                    self._cond.wait(timeout=0.25)
-                    if not is_active():  # the client gave up (deadline, cancel) while queued
-                        raise RpcError(grpc.StatusCode.CANCELLED, "the call ended while queued")
-            finally:
-                self.queued -= 1
-            self.running += 1
-            self.admitted += 1
-            self.peak_running = max(self.peak_running, self.running)
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self.running -= 1
-                self._mean_s = 0.8 * self._mean_s + 0.2 * (time.monotonic() - start)
-                self._cond.notify()
-
-    def stats(self) -> dict[str, int]:
-        with self._cond:
-            return {
-                "running": self.running,
-                "queued": self.queued,
-                "peak_running": self.peak_running,
-                "peak_queued": self.peak_queued,
-                "admitted": self.admitted,
-                "rejected": self.rejected,
-            }
-
-
-# --------------------------------------------------------------------------------------------
-# The services
-# --------------------------------------------------------------------------------------------
-
-
-def _dtype_size(enum: int) -> int:
-    try:
-        return max(1, int(tf.dtypes.as_dtype(enum).size))
-    except TypeError:
-        return 1
-
-
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """Predict and GetModelMetadata over a :class:`ModelManager` (Classify etc. UNIMPLEMENTED).
-
-    Args:
-      manager: the model's versions.
-      delay_s: sleep this long (in a running slot, holding the version) before each Predict,
-        to exercise client deadlines, overload and version changes.
-      admission: the running/queued limit (default: 4 running, 8 queued).
-      max_volume_shape: largest (D, H, W) of the ``volume`` input; None leaves the limit to
-        the model's graph.
-      max_tensor_bytes: largest decoded input tensor (a tensor sent as a short value list
-        must not expand beyond what a message could carry).
-    """
-
-    def __init__(
-        self,
-        manager: ModelManager,
-        delay_s: float = 0.0,
-        *,
-        admission: Admission | None = None,
-        max_volume_shape: Sequence[int] | None = None,
-        max_tensor_bytes: int = contract.MAX_MESSAGE_BYTES,
-    ):
-        self.manager = manager
-        self.delay_s = float(delay_s)
-        self.admission = admission or Admission(4, 8)
-        self.max_volume_shape = tuple(int(n) for n in max_volume_shape or ()) or None
-        self.max_tensor_bytes = int(max_tensor_bytes)
-        manager.predict_fn = self.predict_on
-
-    def _check_tensor(self, index: int, key: str, proto, spec) -> None:
-        """Validates one input's header (dtype, shape, size) before it is decoded."""
-        if proto.dtype != spec.dtype:
-            raise RpcError(
-                INVALID,
-                f"Expects arg[{index}] ('{key}') to be {protos.cpp_dtype_name(spec.dtype)} "
-                f"but {protos.cpp_dtype_name(proto.dtype)} is provided",
-            )
-        got = protos.shape_dims(proto.tensor_shape)
-        if got is None or any(n < 0 for n in got):
-            raise RpcError(
-                INVALID,
-                f"input '{key}': expected a fully known shape, got "
-                f"{'unknown rank' if got is None else protos.shape_text(got)}",
-            )
-        want = protos.shape_dims(spec.tensor_shape)
-        if want is not None and (
-            len(want) != len(got) or any(w >= 0 and w != g for w, g in zip(want, got, strict=True))
-        ):
-            raise RpcError(
-                INVALID,
-                f"input '{key}': expected shape {protos.shape_text(want)} "
-                f"(rank {len(want)}), got {protos.shape_text(got)}",
-            )
-        if key == contract.VOLUME_INPUT and len(got) == 3:
-            if min(got) < 1:
-                raise RpcError(
-                    INVALID,
-                    f"input '{key}': empty volume {protos.shape_text(got)}; expected int16 "
-                    f"[D, H, W] with every side >= 1",
-                )
-            limit = self.max_volume_shape
-            if limit and any(g > m for g, m in zip(got, limit, strict=True)):
-                raise RpcError(
-                    INVALID,
-                    f"input '{key}': volume {protos.shape_text(got)} exceeds the server's "
-                    f"max_volume_shape {protos.shape_text(limit)} (D, H, W voxels at 1 mm)",
-                )
-        elements = 1
-        for n in got:
-            elements *= n
-        size = elements * _dtype_size(proto.dtype)
-        if proto.tensor_content and len(proto.tensor_content) != size:
-            raise RpcError(
-                INVALID,
-                f"input '{key}': tensor_content holds {len(proto.tensor_content)} bytes, but "
-                f"shape {protos.shape_text(got)} of {protos.cpp_dtype_name(proto.dtype)} "
-                f"needs {size}",
-            )
-        if size > self.max_tensor_bytes:
-            raise RpcError(
-                INVALID,
-                f"input '{key}': shape {protos.shape_text(got)} would decode to {size} bytes, "
-                f"over the server's limit of {self.max_tensor_bytes}",
-            )
-
-    def predict_on(self, entry: ServedVersion, request) -> predict_pb2.PredictResponse:
-        """Runs a PredictRequest on one loaded version, validating as TF-Serving does."""
-        name = request.model_spec.signature_name or contract.DEFAULT_SIGNATURE
-        if name not in entry.signature_defs:
-            raise RpcError(
-                grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.'
-            )
-        signature = entry.signature_defs[name]
-        sent, expected = set(request.inputs), set(signature.inputs)
-        if len(sent) != len(expected):
-            raise RpcError(
-                INVALID,
-                f"input size does not match signature: {len(sent)}!={len(expected)} "
-                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
-                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
-                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
-            )
-        unknown = sorted(sent - expected)
-        if unknown:
-            raise RpcError(
-                INVALID,
-                f"input tensor alias not found in signature: {unknown[0]}. Inputs expected to "
-                f"be in the set {{{','.join(sorted(expected))}}}.",
-            )
-        outputs = list(request.output_filter) or sorted(signature.outputs)
-        for alias in outputs:
-            if alias not in signature.outputs:
-                raise RpcError(
-                    INVALID,
-                    f"output tensor alias not found in signature: {alias} Outputs expected to "
-                    f"be in the set {{{','.join(sorted(signature.outputs))}}}.",
-                )
-        if len(set(outputs)) != len(outputs):
-            raise RpcError(INVALID, "duplicate output tensor alias")
-        for index, key in enumerate(sorted(expected)):
-            self._check_tensor(index, key, request.inputs[key], signature.inputs[key])
-        feeds = {}
-        for key in sorted(expected):
-            try:
-                array = protos.to_numpy(request.inputs[key])
-            except Exception as err:  # noqa: BLE001 - any malformed TensorProto
-                raise RpcError(INVALID, f"tensor parsing error: {key} ({err})") from None
-            feeds[key] = tf.constant(array)
-        try:
-            result = entry.loaded.signatures[name](**feeds)
-        except tf.errors.OpError as err:
-            raise RpcError(protos.grpc_code(err.error_code), err.message) from None
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = self.manager.model_name
-        response.model_spec.version.value = entry.version
-        response.model_spec.signature_name = name
-        for alias in outputs:
-            response.outputs[alias].CopyFrom(protos.tensor_proto(result[alias].numpy()))
-        return response
-
-    def Predict(self, request, context):  # noqa: N802 - gRPC method name
-        try:
-            _require_model_spec(request)
-            with (
-                self.admission.admit(context.is_active),
-                self.manager.lease(request.model_spec) as entry,
-            ):
-                if self.delay_s > 0:
-                    time.sleep(self.delay_s)
-                    if not context.is_active():
-                        return predict_pb2.PredictResponse()
-                return self.predict_on(entry, request)
-        except RpcError as err:
-            _abort(context, err)
-
-    def GetModelMetadata(self, request, context):  # noqa: N802 - gRPC method name
-        try:
-            _require_model_spec(request)
-            if not request.metadata_field:
-                raise RpcError(
-                    INVALID,
-                    "GetModelMetadataRequest must specify at least one metadata_field",
-                )
-            entry = self.manager.resolve(request.model_spec)
-            response = get_model_metadata_pb2.GetModelMetadataResponse()
-            response.model_spec.name = self.manager.model_name
-            response.model_spec.version.value = entry.version
-            for field in request.metadata_field:
-                if field != "signature_def":
-                    raise RpcError(INVALID, f"Metadata field {field} is not supported")
-                protos.pack_signature_defs(response, entry.signature_defs)
-            return response
-        except RpcError as err:
-            _abort(context, err)
-
-
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    """GetModelStatus over a :class:`ModelManager` (HandleReloadConfigRequest UNIMPLEMENTED)."""
-
-    def __init__(self, manager: ModelManager):
-        self.manager = manager
-
-    def GetModelStatus(self, request, context):  # noqa: N802 - gRPC method name
-        try:
-            _require_model_spec(request)
-            spec = request.model_spec
-            version = spec.version.value if spec.HasField("version") else None
-            if spec.WhichOneof("version_choice") == "version_label":
-                version = self.manager.labelled_version(spec.version_label)
-            response = get_model_status_pb2.GetModelStatusResponse()
-            for entry in self.manager.statuses(spec.name, version):
-                status = response.model_version_status.add()
-                status.version = entry.version
-                status.state = entry.state
-                if entry.error:
-                    status.status.error_code = grpc.StatusCode.UNKNOWN.value[0]
-                    status.status.error_message = entry.error
-            return response
-        except RpcError as err:
-            _abort(context, err)
-
-
-# --------------------------------------------------------------------------------------------
-# The server
-# --------------------------------------------------------------------------------------------
+from tf_agg3d.serving import contract
+from tf_agg3d.serving.admission import Admission
+from tf_agg3d.serving.servables import ModelManager
+from tf_agg3d.serving.servicers import ModelServicer, PredictionServicer
+from tf_agg3d.utils.files import read_bytes
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -583,15 +265,10 @@ class DevServer:
         self.stop()
 
 
-# --------------------------------------------------------------------------------------------
-# TLS material
-# --------------------------------------------------------------------------------------------
-
-
 def _read_tls_file(path: str) -> bytes:
     """A PEM file's bytes, local or URL; OSError naming the file when it cannot be read."""
     try:
-        return io_utils.read_bytes(path)
+        return read_bytes(path)
     except tf.errors.OpError as err:
         # main reports OSError as a one-line error; a storage error is the same situation.
         raise OSError(f"{path}: cannot read TLS file ({err.message})") from None

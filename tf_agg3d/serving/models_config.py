@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from tf_agg3d.serving import contract
 from tf_agg3d.serving.errors import ExportError
-from tf_agg3d.utils import io as io_utils
+from tf_agg3d.utils.atomic_write import atomic_write_text
 
 
 @dataclasses.dataclass
@@ -80,5 +80,5 @@ def models_config_text(models: Sequence[ServedModel]) -> str:
 def write_models_config(path: str, models: Sequence[ServedModel]) -> str:
     """Writes a TF-Serving ``models.config`` atomically; returns its text."""
     text = models_config_text(models)
-    io_utils.atomic_write_text(path, text)
+    atomic_write_text(path, text)
     return text

@@ -27,7 +27,8 @@ import tensorflow as tf
 from tf_agg3d.serving import contract
 from tf_agg3d.serving.errors import ExportError
 from tf_agg3d.serving.signatures import Agg3DExportModule, non_stock_op_types, saved_model_op_types
-from tf_agg3d.utils import io as io_utils
+from tf_agg3d.utils import files as io_utils
+from tf_agg3d.utils.filesystems import ensure_filesystem, ensure_filesystems, is_url, scheme
 
 # Schemes whose filesystems rename a directory in one atomic step ("" is a local path); every
 # other URL is an object store, where a version is published object by object (docs/serving.md).
@@ -54,7 +55,7 @@ def existing_versions(model_base: str) -> list[int]:
 
     A version prefix still being filled on an object store counts: its number is taken.
     """
-    io_utils.ensure_filesystem(model_base)
+    ensure_filesystem(model_base)
     if not tf.io.gfile.isdir(model_base):
         return []
     names = [n.rstrip("/") for n in tf.io.gfile.listdir(model_base)]
@@ -78,7 +79,7 @@ def _refuse_existing(model_base: str, version: int, overwrite: bool) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    if io_utils.is_url(path):
+    if is_url(path):
         if tf.io.gfile.exists(path):
             tf.io.gfile.rmtree(path)
     else:
@@ -111,7 +112,7 @@ def write_warmup_requests(
 
 def _renames_directories(path: str) -> bool:
     """True when `path`'s filesystem renames a whole directory atomically (local, HDFS)."""
-    return io_utils.scheme(path) in _DIRECTORY_RENAME_SCHEMES
+    return scheme(path) in _DIRECTORY_RENAME_SCHEMES
 
 
 def _write_version(
@@ -236,7 +237,7 @@ def export_saved_model(
     version = int(module.metadata_dict["version"])
     if version < 1:
         raise ExportError(f"version: expected a positive integer, got {version}")
-    io_utils.ensure_filesystem(export_base)
+    ensure_filesystem(export_base)
     model_base = io_utils.join(export_base, model_name)
     final = io_utils.join(model_base, str(version))
     _refuse_existing(model_base, version, overwrite)
@@ -291,7 +292,7 @@ def export_from_checkpoint(
     from tf_agg3d.models.whole_scan import WholeScanDetector
     from tf_agg3d.ops.roi_align import roi_align_3d
 
-    io_utils.ensure_filesystems(model_dir, export_base)
+    ensure_filesystems(model_dir, export_base)
     model_base = io_utils.join(export_base, model_name)
     if version is None:
         version = next_version(model_base)

@@ -37,7 +37,8 @@ from absl import logging
 
 from tf_agg3d.serving import contract, protos
 from tf_agg3d.serving.errors import RpcError
-from tf_agg3d.utils import io as io_utils
+from tf_agg3d.utils import files as io_utils
+from tf_agg3d.utils.filesystems import ensure_filesystem
 
 _State = protos.VersionState
 
@@ -142,7 +143,7 @@ class ModelManager:
             )
         base = str(model_base_path or model_base)
         # s3:// exists for tf.io.gfile only once tensorflow-io is loaded (MissingExtraError).
-        io_utils.ensure_filesystem(base)
+        ensure_filesystem(base)
         if model_base_path:
             self.model_dir = base.rstrip("/") or base
             self.model_name = model_name or io_utils.basename(self.model_dir)

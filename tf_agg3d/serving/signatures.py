@@ -25,7 +25,7 @@ import tf_agg3d
 from tf_agg3d.config import ExperimentConfig, to_dict
 from tf_agg3d.serving import contract
 from tf_agg3d.serving.errors import ExportError
-from tf_agg3d.utils import io as io_utils
+from tf_agg3d.utils import files as io_utils
 
 # Op types of this project's compiled RoI Align; stock TF-Serving cannot load a graph using them.
 CUSTOM_OP_TYPES = frozenset({"RoiAlign3D", "RoiAlign3DGrad"})
@@ -79,6 +79,13 @@ class Agg3DExportModule(tf.Module):
         # model there brings its own traced call (pyramid dicts keyed by int stride, which the
         # SavedModel format cannot encode) and nothing a server needs. The signatures below
         # capture its weights, which are tracked through `model_variables` instead.
+        # The exported detect graph runs the whole-scan module's own path (inference.mode:
+        # tiles by default, one Predict call per scan either way) in the precision its
+        # for_export() picks: inference.precision auto becomes float32, because the serving
+        # host's CPU is unknown here (docs/serving.md, "Export contract").
+        for_export = getattr(whole_scan, "for_export", None)
+        if callable(for_export):
+            whole_scan = for_export()
         self._untracked = types.SimpleNamespace(whole_scan=whole_scan)
         detector = getattr(whole_scan, "detector", None)
         self.model_variables = list(getattr(detector, "variables", None) or [])

@@ -13,8 +13,9 @@ directory, written atomically::
 (cache voxels / mm, like the sidecar's nodules).
 
 The scans are searched by the same whole-scan graph as ``predict``
-(:class:`~tf_agg3d.models.whole_scan.WholeScanDetector`) with windows of the training crop
-size, each scan padded with its own ``fill_hu``. The same search gives the validation summaries
+(:class:`~tf_agg3d.models.whole_scan.WholeScanDetector`) on the path of ``inference.mode``: one
+pass over the scan (``tiles``), or windows of the training crop size (``windows``); each scan
+is padded with its own ``fill_hu``. The same search gives the validation summaries
 (sensitivity and false positives per scan on a few held-out scans).
 """
 
@@ -31,7 +32,8 @@ from tf_agg3d.config import ExperimentConfig
 from tf_agg3d.data import cache as cache_lib
 from tf_agg3d.dataloaders.input_pipeline import ABS_FORMAT, CachedScan
 from tf_agg3d.models.whole_scan import WholeScanDetector
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_json
 
 ABS_FILE = "abs_hard_negatives.json"
 
@@ -40,13 +42,15 @@ class ScanScorer:
     """Whole-scan detections of cache volumes by a (training) detector.
 
     A thin layer over :class:`~tf_agg3d.models.whole_scan.WholeScanDetector`, the code
-    that ``predict`` and the SavedModel run, with windows of the training crop size; it adds
-    what training needs: the padding value of each scan (from its sidecar) and NumPy results.
+    that ``predict`` and the SavedModel run (``inference.mode``: tiles, or windows of the
+    training crop size); it adds what training needs: the padding value of each scan (from its
+    sidecar) and NumPy results.
 
     Args:
       model: the detector (``features``, ``rpn``, ``propose``, ``classify``).
-      config: the experiment config (``data.crop_size`` is the window, ``inference`` the rest).
-      overlap: voxels shared by neighbouring windows.
+      config: the experiment config (``data.crop_size`` is the window of the windows path,
+        ``inference`` the rest).
+      overlap: voxels shared by neighbouring windows (windows path).
       proposal_threshold: RPN probability a proposal must exceed.
       max_detections: detections kept per scan.
       use_fpr: score = mean(RPN, FPRN probability); else the RPN probability.
@@ -181,7 +185,7 @@ def find_hard_negatives(
 
 def write_abs_file(path: str, entries: list[dict], checkpoint: str, step: int, config) -> None:
     """Writes the ABS file atomically (see the module docstring for the format)."""
-    uio.atomic_write_json(
+    atomic_write_json(
         path,
         {
             "format": ABS_FORMAT,

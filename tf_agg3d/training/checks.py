@@ -11,7 +11,7 @@ from tf_agg3d.config import ConfigError, ExperimentConfig
 from tf_agg3d.data import cache as cache_lib
 from tf_agg3d.training.schedules import LR_SCHEDULES, OPTIMIZERS
 from tf_agg3d.training.strategy import STRATEGIES
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
 
 PHASES = ("rpn", "joint", "alternating", "abs")
 TRAINING_PHASES = ("rpn", "joint", "alternating")

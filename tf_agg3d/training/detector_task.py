@@ -53,7 +53,7 @@ from tf_agg3d.losses.focal import adaptive_focal_temperature
 from tf_agg3d.models import checkpoints as ckpt_lib
 from tf_agg3d.ops.targets import assign_proposal_labels
 from tf_agg3d.training import abs as abs_lib
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
 
 
 def _is_count(key: str) -> bool:

@@ -43,7 +43,8 @@ from tf_agg3d.config import ExperimentConfig, save_config, to_dict
 from tf_agg3d.models import checkpoints as ckpt_lib
 from tf_agg3d.training.schedules import learning_rate, make_optimizer
 from tf_agg3d.training.strategy import is_chief, make_strategy, task_info
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_json
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -341,7 +342,7 @@ class TrainingLoop:
         if self.chief:
             summary = self.task.run_pass(self.model, self.model_dir)
             path = uio.join(self.model_dir, f"train_summary_{self.plan.name}.json")
-            uio.atomic_write_json(path, summary)
+            atomic_write_json(path, summary)
             self.log(json.dumps(summary))
         return summary
 
@@ -416,7 +417,7 @@ class TrainingLoop:
         writer.flush()
         summary = self._summary(status, start, report, validation, last_saved, time.time() - t0)
         if self.chief:
-            uio.atomic_write_json(summary_path, summary)
+            atomic_write_json(summary_path, summary)
             self.log(json.dumps(summary, indent=1))
         if status == "non_finite_loss":
             raise NonFiniteLossError(

@@ -25,7 +25,8 @@ from tf_agg3d.data.deeplesion.slices import IMAGES_DIR
 from tf_agg3d.data.errors import DataError
 from tf_agg3d.data.luna16.csv_io import ANNOTATION_COLUMNS
 from tf_agg3d.data.preprocessing.runner import JobResult, RunSummary, run_jobs
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_text
 
 ANNOTATIONS_CSV = "annotations.csv"
 EXCLUDED_CSV = "annotations_excluded.csv"
@@ -159,9 +160,9 @@ def write_annotation_files(cache_dir: str, known_uids: Sequence[str]) -> dict[st
     rows = annotation_rows(cache_dir, uids)
     paths = {}
     paths["annotations"] = uio.join(cache_dir, ANNOTATIONS_CSV)
-    uio.atomic_write_text(paths["annotations"], _csv_text(ANNOTATION_HEADER, rows))
+    atomic_write_text(paths["annotations"], _csv_text(ANNOTATION_HEADER, rows))
     paths["excluded"] = uio.join(cache_dir, EXCLUDED_CSV)
-    uio.atomic_write_text(paths["excluded"], _csv_text(ANNOTATION_COLUMNS, []))
+    atomic_write_text(paths["excluded"], _csv_text(ANNOTATION_COLUMNS, []))
     by_split: dict[int, list[str]] = {s: [] for s in SPLITS}
     for uid in uids:
         meta = cache.read_meta(cache_dir, uid)
@@ -170,7 +171,7 @@ def write_annotation_files(cache_dir: str, known_uids: Sequence[str]) -> dict[st
     for split, name in SPLIT_LIST.items():
         paths[name] = uio.join(cache_dir, name)
         # No header: the evaluation counts a header row as one more scan, like LUNA16's script.
-        uio.atomic_write_text(paths[name], "".join(f"{u}\n" for u in by_split[split]))
+        atomic_write_text(paths[name], "".join(f"{u}\n" for u in by_split[split]))
     return paths
 
 

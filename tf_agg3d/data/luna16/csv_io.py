@@ -29,7 +29,8 @@ import math
 from collections.abc import Iterable, Mapping
 
 from tf_agg3d.data.errors import DataError
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import atomic_write_text
 
 ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 CANDIDATE_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "class")
@@ -42,27 +43,18 @@ EXCLUDED_DEFAULT_DIAMETER_MM = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
-class Annotation:
-    """One row of annotations.csv / annotations_excluded.csv.
+class _SeriesPoint:
+    """What every row of these files starts with.
 
     Attributes:
       seriesuid: the scan.
       x, y, z: world centre (mm).
-      diameter_mm: > 0; in annotations_excluded.csv also -1 ("unknown", see
-        :func:`excluded_diameter`).
-      line: 1-based line in `path`.
-      path: the CSV file.
-      extra: columns beyond the required ones (e.g. DeepLesion's lesion_type, split), as text.
     """
 
     seriesuid: str
     x: float
     y: float
     z: float
-    diameter_mm: float
-    line: int = 0
-    path: str = ""
-    extra: dict = dataclasses.field(default_factory=dict)
 
     @property
     def xyz(self) -> tuple[float, float, float]:
@@ -70,20 +62,34 @@ class Annotation:
 
 
 @dataclasses.dataclass(frozen=True)
-class Candidate:
+class Annotation(_SeriesPoint):
+    """One row of annotations.csv / annotations_excluded.csv.
+
+    Attributes:
+      diameter_mm: > 0; in annotations_excluded.csv also -1 ("unknown", see
+        :func:`excluded_diameter`).
+      line: 1-based line in `path`.
+      path: the CSV file.
+      extra: columns beyond the required ones (e.g. DeepLesion's lesion_type, split), as text.
+    """
+
+    diameter_mm: float
+    line: int = 0
+    path: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate(_SeriesPoint):
     """One row of candidates.csv / candidates_V2.csv: world centre (mm) and label 0/1."""
 
-    seriesuid: str
-    x: float
-    y: float
-    z: float
     label: int
     line: int = 0
     extra: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
-class Prediction:
+class Prediction(_SeriesPoint):
     """One mark of a submission: world centre (mm) and score.
 
     Attributes:
@@ -92,10 +98,6 @@ class Prediction:
         fpr_score) are floats; any other column is kept as text.
     """
 
-    seriesuid: str
-    x: float
-    y: float
-    z: float
     probability: float
     line: int = 0
     extra: dict = dataclasses.field(default_factory=dict)
@@ -234,21 +236,39 @@ def _extra(row: dict, required: tuple[str, ...]) -> dict:
     return {k: v for k, v in row.items() if k not in required}
 
 
-def _read_annotation_file(path: str, allow_unknown: bool) -> dict[str, list[Annotation]]:
-    path = str(path)
-    out: dict[str, list[Annotation]] = {}
-    for line, row in _rows(path, ANNOTATION_COLUMNS):
+def _by_series(path: str, required: tuple[str, ...], make) -> dict[str, list]:
+    """The rows of a CSV with a seriesuid and world coordinates, grouped by seriesuid.
+
+    Args:
+      path: the CSV file.
+      required: its required columns (seriesuid, coordX, coordY, coordZ and the kind's own).
+      make: ``(line, row, uid, x, y, z) -> item``: checks the row's other columns and builds
+        the item.
+
+    Returns:
+      seriesuid -> list of items in file order.
+    """
+    out: dict[str, list] = {}
+    for line, row in _rows(path, required):
         uid = _uid(path, line, row)
         x, y, z = _xyz(path, line, row)
+        out.setdefault(uid, []).append(make(line, row, uid, x, y, z))
+    return out
+
+
+def _read_annotation_file(path: str, allow_unknown: bool) -> dict[str, list[Annotation]]:
+    path = str(path)
+
+    def annotation(line, row, uid, x, y, z) -> Annotation:
         d = _float(path, line, row, "diameter_mm")
         if not (d > 0 or (allow_unknown and d == EXCLUDED_UNKNOWN_DIAMETER)):
             allowed = "> 0 or -1 (unknown)" if allow_unknown else "> 0"
             raise DataError(
                 path, f"diameter {d:g} must be {allowed}", line=line, field="diameter_mm"
             )
-        item = Annotation(uid, x, y, z, d, line, path, _extra(row, ANNOTATION_COLUMNS))
-        out.setdefault(uid, []).append(item)
-    return out
+        return Annotation(uid, x, y, z, d, line, path, _extra(row, ANNOTATION_COLUMNS))
+
+    return _by_series(path, ANNOTATION_COLUMNS, annotation)
 
 
 def read_annotations(path: str) -> dict[str, list[Annotation]]:
@@ -279,17 +299,15 @@ def read_candidates(path: str) -> dict[str, list[Candidate]]:
       seriesuid -> list of :class:`Candidate` in file order.
     """
     path = str(path)
-    out: dict[str, list[Candidate]] = {}
-    for line, row in _rows(path, CANDIDATE_COLUMNS):
-        uid = _uid(path, line, row)
-        x, y, z = _xyz(path, line, row)
+
+    def candidate(line, row, uid, x, y, z) -> Candidate:
         if row["class"] not in ("0", "1"):
             raise DataError(
                 path, f"class '{show(row['class'])}' must be 0 or 1", line=line, field="class"
             )
-        item = Candidate(uid, x, y, z, int(row["class"]), line, _extra(row, CANDIDATE_COLUMNS))
-        out.setdefault(uid, []).append(item)
-    return out
+        return Candidate(uid, x, y, z, int(row["class"]), line, _extra(row, CANDIDATE_COLUMNS))
+
+    return _by_series(path, CANDIDATE_COLUMNS, candidate)
 
 
 def read_predictions(path: str) -> dict[str, list[Prediction]]:
@@ -299,10 +317,8 @@ def read_predictions(path: str) -> dict[str, list[Prediction]]:
       seriesuid -> list of :class:`Prediction` in file order.
     """
     path = str(path)
-    out: dict[str, list[Prediction]] = {}
-    for line, row in _rows(path, PREDICTION_COLUMNS):
-        uid = _uid(path, line, row)
-        x, y, z = _xyz(path, line, row)
+
+    def prediction(line, row, uid, x, y, z) -> Prediction:
         p = _float(path, line, row, "probability")
         extra: dict = _extra(row, PREDICTION_COLUMNS)
         for name in PREDICTION_NUMERIC_COLUMNS:
@@ -311,8 +327,9 @@ def read_predictions(path: str) -> dict[str, list[Prediction]]:
                 del extra[name]
             elif name in extra:
                 extra[name] = _float(path, line, row, name)
-        out.setdefault(uid, []).append(Prediction(uid, x, y, z, p, line, extra))
-    return out
+        return Prediction(uid, x, y, z, p, line, extra)
+
+    return _by_series(path, PREDICTION_COLUMNS, prediction)
 
 
 SERIESUID_HEADER = "seriesuid"
@@ -427,5 +444,5 @@ def write_predictions(path: str, rows: Iterable) -> int:
             value = record.get(name)
             cells.append("" if value is None else _cell(path, line, name, value))
         writer.writerow(cells)
-    uio.atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
     return len(records)

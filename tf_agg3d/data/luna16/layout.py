@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from tf_agg3d.data.errors import DataError
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
 
 LUNA16_MASK_DIR = "seg-lungs-LUNA16"
 

@@ -35,7 +35,8 @@ from tf_agg3d.data.errors import DataError
 from tf_agg3d.data.luna16 import csv_io, layout
 from tf_agg3d.data.preprocessing.cache_entry import preprocess_scan
 from tf_agg3d.data.readers import sitk as sitk_reader
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.atomic_write import is_storage_full
 
 # Where the LUNA16 download keeps its CSV files, relative to the root, in search order.
 ANNOTATION_LOCATIONS = ("annotations.csv", "CSVFILES/annotations.csv")
@@ -129,7 +130,7 @@ def preprocess_one(job: ScanJob, cache_dir: str, config: PreprocessConfig) -> Jo
     except Exception as err:  # a bug or an OS failure on one scan must not stop the others
         message = f"{type(err).__name__}: {err}"
         # ... but a full disk stops the run: every later scan would fail the same way.
-        full = uio.is_storage_full(err)
+        full = is_storage_full(err)
         return JobResult(job.uid, False, time.perf_counter() - start, message, stop=full)
     note = meta["lung_mask"]
     if note == "threshold":

@@ -41,7 +41,8 @@ import numpy as np
 from tf_agg3d.data.errors import DataError
 from tf_agg3d.data.readers.hu import to_int16
 from tf_agg3d.data.scan import Scan
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.filesystems import ensure_filesystem, import_tensorflow_io
 
 # (DICOM tag, name used below), in the order decode_dicom_data returns them.
 _TAGS = (
@@ -62,7 +63,7 @@ _STEP_TOLERANCE = 0.1
 
 
 def _tfio():
-    return uio.import_tensorflow_io("reading DICOM series with tensorflow-io")
+    return import_tensorflow_io("reading DICOM series with tensorflow-io")
 
 
 @functools.cache
@@ -200,7 +201,7 @@ def slice_dataset(files, parallel_calls: int | None = None):
     import tensorflow as tf
 
     for f in files:
-        uio.ensure_filesystem(f)
+        ensure_filesystem(f)
     calls = tf.data.AUTOTUNE if parallel_calls is None else parallel_calls
     data = tf.data.Dataset.from_tensor_slices(tf.constant(list(files), tf.string))
     return data.map(

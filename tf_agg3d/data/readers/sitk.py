@@ -5,7 +5,7 @@ Every problem with an input file raises :class:`~tf_agg3d.data.errors.DataError`
 :class:`~tf_agg3d.data.scan.Scan` (geometry conventions: :mod:`tf_agg3d.data.scan`).
 
 Paths may be `tf.io.gfile` URLs (``s3://``, ``gs://``; README "Object storage"): SimpleITK
-reads a local temporary copy (:func:`uio.local_copy`). A DICOM series folder is read through
+reads a local temporary copy (:func:`local_copy`). A DICOM series folder is read through
 tensorflow-io's in-graph decoder when it is installed
 (:mod:`tf_agg3d.data.readers.dicom_tfio`), through SimpleITK otherwise; both give the same Scan.
 """
@@ -21,7 +21,9 @@ import SimpleITK as sitk
 from tf_agg3d.data.errors import DataError
 from tf_agg3d.data.readers.hu import to_int16
 from tf_agg3d.data.scan import Scan
-from tf_agg3d.utils import io as uio
+from tf_agg3d.utils import files as uio
+from tf_agg3d.utils.filesystems import is_url
+from tf_agg3d.utils.local_copy import local_copy
 
 # Labels of the left and right lung in the official `seg-lungs-LUNA16` masks (5 is the trachea).
 LUNA16_LUNG_LABELS = (3, 4)
@@ -199,11 +201,11 @@ def _scan_from_image(path: str, image: sitk.Image, array: np.ndarray) -> Scan:
 @contextlib.contextmanager
 def _local(path: str):
     """Yields a local copy of a URL (the path itself when local); DataErrors name the URL."""
-    if not uio.is_url(path):
+    if not is_url(path):
         yield path
         return
     try:
-        with uio.local_copy(path) as local:
+        with local_copy(path) as local:
             try:
                 yield local
             except DataError as err:

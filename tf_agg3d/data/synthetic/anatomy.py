@@ -4,8 +4,8 @@ Everything here works in the *canonical frame* of a scan: arrays are (z, y, x) w
 direction, and a point is given in millimetres from the centre of voxel (0, 0, 0), in (x, y, z)
 order: `p = spacing * (ix, iy, iz)`. Index z grows towards the head, y towards the back and x
 towards the patient's left (DICOM's LPS patient frame), so the chest is drawn as a scanner with
-an identity direction would store it. `tf_agg3d.data.synthetic.luna16` maps this frame to world
-coordinates and flips the stored axes of scans written with a flipped direction.
+an identity direction would store it. `tf_agg3d.data.synthetic.scan_frame` maps this frame to
+world coordinates and flips the stored axes of scans written with a flipped direction.
 
 All drawing is vectorised: quantities that depend on (y, x) only are computed on 2-D maps and
 broadcast over z, so a 256 x 256 x 140 chest costs a handful of full-volume operations.

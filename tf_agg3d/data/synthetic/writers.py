@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from tf_agg3d.utils.io import atomic_write_bytes, is_url
+from tf_agg3d.utils.atomic_write import atomic_write_bytes
+from tf_agg3d.utils.filesystems import is_url
 
 
 def check_generator_arguments(out_dir: str, count_name: str, count: int, seed: int) -> None:

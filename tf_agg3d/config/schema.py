@@ -1,31 +1,25 @@
-"""Typed experiment configuration: dataclasses with defaults, YAML files, strict overrides.
+"""The configuration schema: one dataclass per section, with defaults, rooted at
+:class:`ExperimentConfig`.
 
-A config is a tree of dataclasses rooted at :class:`ExperimentConfig`. YAML files in
-`configs/` set any subset of its fields, and a file may name a ``base:`` file it holds only the
-difference from; ``key.sub=value`` overrides from the command line come last. Unknown keys and
-values of the wrong type raise :class:`ConfigError` naming the dotted key, before any work
-starts. Library code takes these objects; only the entry points know about flags.
+A section's ``__post_init__`` refuses values no run could use, naming the dotted key; checks
+between sections are in :mod:`tf_agg3d.config.checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import posixpath
-import types
-import typing
-from typing import Any
 
-import yaml
+from tf_agg3d.config.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A configuration key is unknown, missing or of the wrong type."""
+def _require_one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} not in {sorted(choices)}")
 
 
-# --------------------------------------------------------------------------------------------
-# Sections
-# --------------------------------------------------------------------------------------------
+def _require_at_least(key: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
 
 
 @dataclasses.dataclass
@@ -167,15 +161,10 @@ class FPRConfig:
     use_custom_op: bool = True
 
     def __post_init__(self):
-        if self.magnify_mode not in ("table1", "patch"):
-            raise ConfigError(
-                f"model.fpr.magnify_mode: {self.magnify_mode!r} not in ['patch', 'table1']"
-            )
+        _require_one_of("model.fpr.magnify_mode", self.magnify_mode, ("table1", "patch"))
         for key in ("magnify_crop_cells", "magnify_patch_cells"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.fpr.{key}: must be >= 1, got {getattr(self, key)}")
-        if self.magnify_stages < 0:
-            raise ConfigError(f"model.fpr.magnify_stages: must be >= 0, got {self.magnify_stages}")
+            _require_at_least(f"model.fpr.{key}", getattr(self, key), 1)
+        _require_at_least("model.fpr.magnify_stages", self.magnify_stages, 0)
 
 
 @dataclasses.dataclass
@@ -303,6 +292,29 @@ class InferenceConfig:
     # evaluation.max_marks.
     max_marks: int = 100
     max_proposals_per_scan: int = 300
+    # How the backbone covers a scan (tf_agg3d/models/whole_scan.py):
+    #   tiles: one pass over the whole scan, each voxel computed once; the full-resolution stem
+    #     runs in tiles with an exact halo, sized by memory_budget_mb (models/tiled_backbone.py).
+    #     Needs a DenseUNet3D backbone; any other backbone runs windows.
+    #   windows: overlapping window_size windows (overlap, window_batch_size), merged by cores.
+    mode: str = "tiles"
+    # tiles: memory for the stem's tiles (their activations); the rest of the network takes
+    # about 16 (float32) / 8 (bfloat16) bytes per scan voxel on top.
+    memory_budget_mb: int = 2048
+    # float32 | bfloat16 | auto: bfloat16 where the CPU computes it natively (AVX512-BF16 / AMX
+    # with oneDNN on, no GPU), else float32. Exported SavedModels resolve auto to float32.
+    precision: str = "auto"
+    # Skip the computation of regions whose receptive field is all fill_hu (exact either way).
+    skip_fill: bool = True
+    # tiles: best RPN anchors per scan that enter the proposal NMS (windows: per window,
+    # model.proposals.pre_nms_top_k).
+    tiles_pre_nms_top_k: int = 2048
+
+    def __post_init__(self):
+        _require_one_of("inference.mode", self.mode, ("tiles", "windows"))
+        _require_one_of("inference.precision", self.precision, ("auto", "float32", "bfloat16"))
+        _require_at_least("inference.memory_budget_mb", self.memory_budget_mb, 1)
+        _require_at_least("inference.tiles_pre_nms_top_k", self.tiles_pre_nms_top_k, 1)
 
 
 @dataclasses.dataclass
@@ -328,279 +340,3 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     inference: InferenceConfig = dataclasses.field(default_factory=InferenceConfig)
     evaluation: EvalConfig = dataclasses.field(default_factory=EvalConfig)
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion from plain data (YAML) with strict type checks
-# --------------------------------------------------------------------------------------------
-
-
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return from_dict(annotation, value, prefix=key)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if origin is tuple:
-        args = typing.get_args(annotation)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-        return tuple(
-            _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=False))
-        )
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(annotation):
-            if arg is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError("; ".join(errors))
-    raise ConfigError(f"{key}: unsupported config type {annotation!r}")
-
-
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Builds dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
-
-
-def to_dict(config: Any) -> dict:
-    """Plain-data (YAML/JSON-ready) form of a config; tuples become lists."""
-
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return plain(dataclasses.asdict(config))
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parses ``a.b.c=value`` (value in YAML syntax) into (["a","b","c"], value)."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}': empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
-    return key.split("."), value
-
-
-def load_config(
-    path: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
-    base: ExperimentConfig | None = None,
-) -> ExperimentConfig:
-    """Loads an :class:`ExperimentConfig` from defaults, a YAML file and key=value overrides.
-
-    Inheritance: a file may name another with a top-level ``base: other.yaml`` (a path relative
-    to the naming file's folder, or absolute, or a URL) and then holds only its difference.
-    The base is loaded first (its own ``base`` too: chains are allowed, cycles are refused),
-    then the file is merged over it: mappings merge key by key, any other value (a list
-    included) replaces the base's whole. Each file of a chain is checked for unknown keys and
-    wrong types, and an error names that file.
-
-    Order, later wins: the defaults (or `base`), the chain's root file ... the file itself, then
-    the overrides.
-
-    Args:
-      path: YAML file (local path or any `tf.io.gfile` URL), or None for the defaults.
-      overrides: strings such as ``"data.batch_size=4"`` or ``"model.anchors.sizes=[[5,10]]"``.
-      base: the config the file and overrides apply to (default: the defaults), e.g. a
-        trained model's config.yaml.
-
-    Raises:
-      ConfigError: a file that cannot be read or parsed, an unknown key, a wrong type, a
-        ``base`` cycle (naming the files), a bad value of ``train.stages``.
-    """
-    data: dict = to_dict(base) if base is not None else {}
-    if path:
-        data = _merge(data, _load_file_chain(path, ()))
-    for text in overrides:
-        keys, value = parse_override(text)
-        nested: Any = value
-        for key in reversed(keys):
-            nested = {key: nested}
-        data = _merge(data, nested)
-    where = f"{path}: " if path else ""
-    try:
-        config = from_dict(ExperimentConfig, data)
-        check_consistency(config)
-        check_stages(config.train.stages)
-    except ConfigError as err:
-        raise ConfigError(f"{where}{err}") from None
-    return config
-
-
-# The top-level key naming a file's base config (not a config field).
-BASE_KEY = "base"
-
-
-def _load_yaml_mapping(path: str) -> dict:
-    try:
-        loaded = yaml.safe_load(_read_text(path))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return loaded
-
-
-def _resolve_base(path: str, ref: str) -> str:
-    """`ref` (a ``base:`` value) as a path: relative to the folder of the file `path`."""
-    if "://" in ref or os.path.isabs(ref):
-        return ref
-    if "://" in path:
-        scheme, rest = path.split("://", 1)
-        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), ref))}"
-    return os.path.normpath(os.path.join(os.path.dirname(path), ref))
-
-
-def _chain_key(path: str) -> str:
-    return path if "://" in path else os.path.realpath(path)
-
-
-def _load_file_chain(path: str, chain: tuple[str, ...]) -> dict:
-    """The plain data of `path` merged over its ``base`` chain (see :func:`load_config`).
-
-    Args:
-      path: the file.
-      chain: the files that named this one as their base, outermost first (cycle check).
-    """
-    if _chain_key(path) in {_chain_key(p) for p in chain}:
-        names = " -> ".join((*chain, path))
-        raise ConfigError(f"config base cycle: {names} (a file cannot be its own base)")
-    loaded = _load_yaml_mapping(path)
-    data: dict = {}
-    if BASE_KEY in loaded:
-        ref = loaded.pop(BASE_KEY)
-        if not isinstance(ref, str) or not ref.strip():
-            raise ConfigError(f"{path}: {BASE_KEY}: expected a config file name, got {ref!r}")
-        data = _load_file_chain(_resolve_base(path, ref.strip()), (*chain, path))
-    data = _merge(data, loaded)
-    try:
-        from_dict(ExperimentConfig, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    return data
-
-
-# Phases a recipe (train.stages) may name; `train --phase` takes the same names.
-STAGES = ("rpn", "joint", "alternating", "abs")
-
-
-def check_stages(stages: tuple[str, ...]) -> None:
-    """Refuses a recipe that cannot run: empty, an unknown phase, or ``abs`` first (Anchor
-    Based Sampling mines the hard negatives of a trained model).
-
-    Raises:
-      ConfigError: naming ``train.stages``.
-    """
-    if not stages:
-        raise ConfigError("train.stages: empty (the recipe needs at least one phase)")
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"train.stages: unknown phase(s) {unknown} (known: {', '.join(STAGES)})")
-    if stages[0] == "abs":
-        raise ConfigError("train.stages: 'abs' cannot come first (it needs a trained model)")
-
-
-# Settings two sections hold that must agree: (key, key, getter of each, why).
-_MUST_AGREE = (
-    (
-        "preprocess.hu_window",
-        "model.backbone.hu_window",
-        lambda c: tuple(c.preprocess.hu_window),
-        lambda c: tuple(c.model.backbone.hu_window),
-        "the model normalises the window its cache was clipped to",
-    ),
-)
-
-
-def check_consistency(config: ExperimentConfig) -> None:
-    """Refuses a config whose paired settings disagree.
-
-    ``preprocess.hu_window`` (the HU the cache is clipped to) and ``model.backbone.hu_window``
-    (the HU the network maps to [0, 1]) describe one window: a model whose window differs from
-    its cache's sees a range no voxel has, or never sees part of it.
-
-    Raises:
-      ConfigError: naming both keys and their values.
-    """
-    for key_a, key_b, get_a, get_b, why in _MUST_AGREE:
-        a, b = get_a(config), get_b(config)
-        if a != b:
-            raise ConfigError(
-                f"{key_a} {list(a)} and {key_b} {list(b)} must be equal ({why}): set both"
-            )
-
-
-def _read_text(path: str) -> str:
-    if "://" in path:
-        import tensorflow as tf
-
-        try:
-            with tf.io.gfile.GFile(path, "r") as f:
-                return f.read()
-        except tf.errors.OpError as err:
-            raise ConfigError(f"{path}: cannot read config ({err.message})") from None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
-
-
-def save_config(config: ExperimentConfig, path: str) -> None:
-    """Writes the config as YAML, atomically (temp file + rename)."""
-    from tf_agg3d.utils.io import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

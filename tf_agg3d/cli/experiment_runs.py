@@ -8,6 +8,7 @@ SIGTERM (a checkpoint was saved; rerun to resume).
 
 from __future__ import annotations
 
+import abc
 import types
 from collections.abc import Sequence
 
@@ -36,7 +37,7 @@ def checked_options(argv: Sequence[str], *required: str) -> types.SimpleNamespac
     return opts
 
 
-class Runs:
+class Runs(abc.ABC):
     """The runs of an experiment command: each run not done yet trained, as ``--parallel``
     child processes or one after another in this process.
 
@@ -54,27 +55,29 @@ class Runs:
         self.opts = opts
         self.experiment = experiment
 
+    @abc.abstractmethod
     def name(self, run) -> str:
-        raise NotImplementedError
+        """The run's name in progress lines."""
 
+    @abc.abstractmethod
     def skipped(self, runs: list) -> str:
         """The line naming the `runs` skipped because they are done."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def command(self, run) -> list[str]:
         """The ``--parallel`` child process that trains `run` alone."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def failed(self, statuses: dict) -> str:
         """The error line for the child processes that failed: {run: exit status}."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def distribute(self, run) -> str:
         """``train.distribute`` of `run`'s config."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def train(self, run, strategy) -> None:
-        raise NotImplementedError
+        """Trains `run` in this process under `strategy`."""
 
     def run(self, runs: Sequence) -> int:
         """Trains each of `runs` that is not done; the exit status."""

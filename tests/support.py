@@ -40,6 +40,24 @@ def subprocess_env(extra=None) -> dict:
     return env
 
 
+def run_command(command: list, timeout: int = 600) -> tuple[int, str]:
+    """Runs `command` from the repository root: (exit status, stdout + stderr).
+
+    Output is decoded as UTF-8 whatever the locale: reports print ±, Δ, and tensorflow-io's
+    DICOM test leaves the test process in the C locale.
+    """
+    proc = subprocess.run(
+        [str(a) for a in command],
+        cwd=REPO,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def run_module(module: str, *args, timeout: int = 420) -> subprocess.CompletedProcess:
     """``python -m module args`` from the repository root; stdout and stderr captured."""
     return subprocess.run(

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 from support import (
     EXPERIMENT_SECTIONS,
     PYTHON,
-    REPO,
-    subprocess_env,
+    run_command,
     tiny_config_file,
     write_cache,
 )
@@ -337,27 +335,16 @@ def _command(cache, config, out, *extra):
     ]
 
 
-def _run(command, timeout=600):
-    # The command prints its Markdown report (±, Δ); decode it as UTF-8 whatever the locale
-    # (tensorflow-io's DICOM test leaves this process in the C locale).
-    proc = subprocess.run(
-        command,
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        timeout=timeout,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def test_usage_errors_end_with_status_2(tmp_path):
     cache = write_cache(tmp_path / "cache", n_scans=4)
     config = _base(tmp_path, ["rpn", "joint"])
-    code, log = _run(_command(cache, config, tmp_path / "out", "--suite", "table9"), timeout=120)
+    code, log = run_command(
+        _command(cache, config, tmp_path / "out", "--suite", "table9"), timeout=120
+    )
     assert code == 2 and "unknown suite 'table9'" in log and "Traceback" not in log, log[-2000:]
-    code, log = _run(_command(cache, config, tmp_path / "out", "--test-subsets", "7"), timeout=120)
+    code, log = run_command(
+        _command(cache, config, tmp_path / "out", "--test-subsets", "7"), timeout=120
+    )
     assert code == 2 and "no test scan" in log, log[-2000:]
 
 
@@ -366,7 +353,7 @@ def test_smoke_suite_end_to_end_and_its_resume(tmp_path):
     cache = write_cache(tmp_path / "cache", n_scans=4, shape=(40, 40, 40))
     config = tiny_config_file(tmp_path, EXPERIMENT_SECTIONS)
     out = tmp_path / "out"
-    code, log = _run(_command(cache, config, out))
+    code, log = run_command(_command(cache, config, out))
     assert code == 0, log[-4000:]
     for run in ("3d_ag", "rpn_only"):
         done = json.loads(
@@ -378,6 +365,6 @@ def test_smoke_suite_end_to_end_and_its_resume(tmp_path):
     assert (out / "ablation.png").exists() and "| 3D-AG (DA, joint) |" in log
     with open(out / "ablation.csv", encoding="utf-8") as f:
         assert len(f.read().splitlines()) == 1 + 2 + 2
-    code, log = _run(_command(cache, config, out))
+    code, log = run_command(_command(cache, config, out))
     assert code == 0, log[-4000:]
     assert "2 run(s) already done; skipped" in log and "[rpn] phase rpn" not in log

@@ -22,6 +22,7 @@ from support import (
     PYTHON,
     REPO,
     read_until,
+    run_command,
     subprocess_env,
     tiny_config_file,
     write_cache,
@@ -79,18 +80,6 @@ def _command(dataset, out, *extra):
     ]
 
 
-def _run(command, timeout=600):
-    proc = subprocess.run(
-        command,
-        cwd=REPO,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def _json(path):
     with open(path) as f:
         return json.load(f)
@@ -100,7 +89,7 @@ def _json(path):
 def one_run(dataset):
     """Every fold in one process, then the pool and its evaluation."""
     out = dataset["root"] / "one_run"
-    code, log = _run(_command(dataset, out))
+    code, log = run_command(_command(dataset, out))
     assert code == 0, log[-4000:]
     return {"out": str(out), "log": log}
 
@@ -168,7 +157,7 @@ def test_pooled_froc_equals_evaluate_on_the_pooled_csv(dataset, one_run, tmp_pat
     assert summary["annotations"]["annotations"] == os.path.join(luna, "annotations.csv")
     predictions, uids = os.path.join(out, "predictions.csv"), os.path.join(out, "seriesuids.csv")
     evaluate = evaluate_args(luna, predictions, uids, str(tmp_path / "eval"), "--bootstrap", "20")
-    code, log = _run([PYTHON, "-m", *evaluate])
+    code, log = run_command([PYTHON, "-m", *evaluate])
     assert code == 0, log[-3000:]
     reference = _json(tmp_path / "eval" / "summary.json")
     for key in ("froc_score", "sensitivities", "froc_ci", "ci_lower", "ci_upper", "scans"):
@@ -183,7 +172,7 @@ def test_pooled_froc_equals_evaluate_on_the_pooled_csv(dataset, one_run, tmp_pat
         assert set(summary["branches"]) == {"combined", "rpn", "fprn"}
         assert summary["branches"]["combined"]["froc_score"] == summary["froc_score"]
     # A rerun of a finished experiment trains nothing and pools the same CSV again.
-    code, log = _run(_command(dataset, out))
+    code, log = run_command(_command(dataset, out))
     assert code == 0, log[-3000:]
     assert "fold(s) 0-2 already done; skipped" in log and "[rpn]" not in log
 
@@ -196,13 +185,13 @@ def _wait_for(proc, pattern, lines, timeout=300):
 def test_folds_run_apart_killed_and_resumed_then_combined_match_one_run(dataset, one_run):
     out = dataset["root"] / "apart"
     # Folds 0 and 2 at once, as subprocesses; no pool: fold 1 is missing.
-    code, log = _run(_command(dataset, out, "--folds", "0,2", "--parallel", 2))
+    code, log = run_command(_command(dataset, out, "--folds", "0,2", "--parallel", 2))
     assert code == 0, log[-4000:]
     assert "[fold 0] " in log and "[fold 2] " in log and "not pooled yet: fold(s) 1" in log
     assert not os.path.exists(out / "predictions.csv")
 
     # --combine refuses while fold 1 is missing, naming it.
-    code, log = _run(_command(dataset, out, "--combine"))
+    code, log = run_command(_command(dataset, out, "--combine"))
     assert code == 2 and "fold(s) 1 of 0-2 are not done" in log, log[-2000:]
 
     # Fold 1 killed (SIGKILL: nothing saved on the way out) after its step-2 checkpoint.
@@ -221,7 +210,7 @@ def test_folds_run_apart_killed_and_resumed_then_combined_match_one_run(dataset,
     assert not os.path.exists(out / "fold1" / "DONE.json")
 
     # The same command resumes it from the checkpoint and finishes it; now the pool is complete.
-    code, log = _run(_command(dataset, out, "--folds", 1))
+    code, log = run_command(_command(dataset, out, "--folds", 1))
     assert code == 0, log[-4000:]
     # From step 2, or from step 4 when the kill came after the next checkpoint.
     assert f"resumed from {out / 'fold1' / 'checkpoints' / 'rpn' / 'ckpt-'}" in log
@@ -231,14 +220,14 @@ def test_folds_run_apart_killed_and_resumed_then_combined_match_one_run(dataset,
     before = _rows(out / "fold2" / "predictions.csv")
     os.remove(out / "fold2" / "DONE.json")
     os.remove(out / "fold2" / "predictions.csv")
-    code, log = _run(_command(dataset, out, "--folds", 2, "--no-pool"))
+    code, log = run_command(_command(dataset, out, "--folds", 2, "--no-pool"))
     assert code == 0, log[-4000:]
     assert "[rpn] already finished at step 4" in log and "[joint] already finished" in log
     assert _rows(out / "fold2" / "predictions.csv") == before
 
     # --combine over the folds run apart equals the one-process run.
     shutil.rmtree(out / "evaluation")
-    code, log = _run(_command(dataset, out, "--combine"))
+    code, log = run_command(_command(dataset, out, "--combine"))
     assert code == 0, log[-4000:]
     _assert_same_predictions(
         out / "predictions.csv", os.path.join(one_run["out"], "predictions.csv")
@@ -258,7 +247,7 @@ def test_abs_recipe_on_one_fold_and_its_resume(dataset):
     """rpn, joint, abs, joint as train.py's recipe; a rerun redoes none of it."""
     out = dataset["root"] / "abs"
     command = [*_command(dataset, out, "--folds", 0, "--no-pool"), "--stages", "rpn,joint,abs"]
-    code, log = _run(command)
+    code, log = run_command(command)
     assert code == 0, log[-4000:]
     fold = out / "fold0"
     done = _json(fold / "DONE.json")
@@ -270,7 +259,7 @@ def test_abs_recipe_on_one_fold_and_its_resume(dataset):
     assert "[joint_abs] initialised the model from " + str(fold / "checkpoints" / "joint") in log
     before = _rows(fold / "predictions.csv")
     os.remove(fold / "DONE.json")
-    code, log = _run(command)
+    code, log = run_command(command)
     assert code == 0, log[-4000:]
     assert "[rpn] finished before the ABS pass; skipped" in log
     assert "[joint] finished before the ABS pass; skipped" in log
@@ -370,7 +359,7 @@ def test_pool_checks_and_evaluates_hand_made_folds(tmp_path):
 
 
 def _bad(dataset, out, *extra):
-    code, log = _run(_command(dataset, out, *extra), timeout=120)
+    code, log = run_command(_command(dataset, out, *extra), timeout=120)
     assert code == 2, log[-3000:]
     assert "Traceback" not in log
     return log
@@ -392,6 +381,6 @@ def test_bad_inputs_end_with_one_line_and_status_2(tmp_path):
     assert "ConfigError" in _bad(dataset, out, "--combine", "--set", "train.nope=1")
     assert "--gpus needs --parallel" in _bad(dataset, out, "--gpus", "0")
     # --allow-missing pools the done fold.
-    code, log = _run(_command(dataset, out, "--combine", "--allow-missing"), timeout=120)
+    code, log = run_command(_command(dataset, out, "--combine", "--allow-missing"), timeout=120)
     assert code == 0, log[-3000:]
     assert _json(out / "summary.json")["folds_missing"] == [0, 2]

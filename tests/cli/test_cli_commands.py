@@ -61,6 +61,9 @@ def test_preprocess_takes_both_spellings_and_exits_1_when_some_scans_failed(tmp_
         ("tf_agg3d.evaluate", ["--annotations=a.csv"], "usage error", "--predictions"),
         ("tf_agg3d.preprocess", ["--out=/tmp/unused"], "usage error", "luna-root"),
         ("tf_agg3d.demo", ["extra", "arguments"], "usage error", "unexpected arguments"),
+        # The realistic profile's held-out subsets are 6-9: 5 scans (subsets 0-4) hold none.
+        ("tf_agg3d.demo", ["--n-scans=5", "--out=/tmp/unused"], "usage error", "0 held-out"),
+        ("tf_agg3d.demo", ["--profile=easy"], "usage error", "--profile"),
         (
             "tf_agg3d.preprocess",
             ["--luna-root=/nonexistent", "--out=/tmp/unused", "--set", "preprocess.nope=1"],
@@ -153,3 +156,21 @@ def test_absl_info_logging_only_with_verbosity(args, shown, hidden):
         assert line in proc.stderr, proc.stderr
     for line in hidden:
         assert line not in proc.stderr, proc.stderr
+
+
+def test_demo_refuses_a_folder_of_a_run_with_other_settings(tmp_path):
+    # Both profiles give the same seriesuids per seed and every step resumes, so a re-run
+    # with another profile would train on the old cache; it must stop before any step.
+    settings = {
+        "profile": "default",
+        "n_scans": 30,
+        "seed": 0,
+        "test_subsets": [0, 1],
+        "config": "configs/demo_cpu.yaml",
+    }
+    (tmp_path / "demo_settings.json").write_text(json.dumps(settings))
+    proc = run_command("tf_agg3d.demo", "--out", tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "profile: 'default' -> 'realistic'" in proc.stderr, proc.stderr
+    assert "n_scans: 30 -> 50" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_settings.json"]

@@ -33,8 +33,9 @@ from tf_agg3d.experiments.scoring import scan_match
 SECTIONS = EXPERIMENT_SECTIONS | {"evaluation": {"bootstrap": 50}}
 
 
-def _base(tmp_path, stages, crop=(128, 128, 128)):
-    sections = {**SECTIONS, "train": {"stages": list(stages)}, "data": {"crop_size": list(crop)}}
+def _base(tmp_path, stages, crop=(128, 128, 128), **train_settings):
+    train = {"stages": list(stages), **train_settings}
+    sections = {**SECTIONS, "train": train, "data": {"crop_size": list(crop)}}
     return tiny_config_file(tmp_path, sections)
 
 
@@ -51,7 +52,7 @@ def _overrides(variant, base_path):
 
 def test_variants_change_only_their_rows_settings(tmp_path):
     suite = ablation_suites.get_suite("table3")
-    base = _base(tmp_path, ["rpn", "joint", "abs", "joint"])
+    base = _base(tmp_path, ["rpn", "joint", "abs", "joint"], max_steps=10)
     by_name = {v.name: _overrides(v, base) for v in suite.variants}
     assert by_name["3d_ag"]["train.stages"] == "[rpn,joint,abs,joint]"
     assert by_name["3d_ag"]["model.fpr.diameter_alignment"] == "true"
@@ -66,10 +67,18 @@ def test_variants_change_only_their_rows_settings(tmp_path):
     assert set(by_name["alternating"]) == set(by_name["3d_ag"])
     assert set(by_name["crop96"]) - set(by_name["3d_ag"]) == {"data.crop_size"}
 
-    small = _base(tmp_path, ["rpn", "joint"], crop=(64, 64, 64))
+    small = _base(tmp_path, ["rpn", "joint"], crop=(64, 64, 64), max_steps=0)
     assert _overrides(suite.variant("rpn_only"), small)["train.stages"] == "[rpn]"
     assert _overrides(suite.variant("crop96"), small)["data.crop_size"] == "[48,48,48]"
     assert ablation_suites.variant_stages(["rpn"], "joint") == ("rpn", "joint")
+    # The matched-steps RPN-only row: 3D-AG trains 2 phases (3 with ABS), RPN only 1 (2).
+    steps = suite.variant("rpn_only_steps")
+    assert set(by_name["rpn_only_steps"]) - set(by_name["rpn_only"]) == {"train.max_steps"}
+    assert by_name["rpn_only_steps"]["train.max_steps"] == "15"  # 10 per phase, x 3/2
+    # Without max_steps, epochs: x 2 beside rpn,joint.
+    assert "train.max_steps" not in _overrides(steps, small)
+    assert _overrides(steps, small)["train.epochs"] == str(2 * load_config(small).train.epochs)
+    assert steps.optional and steps.paper == suite.variant("rpn_only").paper
     table2 = {v.name: _overrides(v, small) for v in ablation_suites.get_suite("table2").variants}
     assert {o["loss.rpn_classification"] for o in table2.values()} == {
         "adaptive_focal",

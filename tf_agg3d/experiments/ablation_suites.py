@@ -15,6 +15,7 @@ rpn_only        FPRN off; no phase 2 (``rpn_only.yaml``: stages rpn[,abs,rpn])
 no_da           FPRN on, DA off, LM off; joint (``no_da.yaml``)
 alternating     FPRN on, DA on, LM off; phase 2 alternating (``alternating.yaml``'s change)
 crop96          as 3d_ag with a crop 3/4 of the base's (128 -> 96; ``crop96.yaml``)
+rpn_only_steps  as rpn_only, trained as many steps in all as 3d_ag (ours: no paper row)
 adaptive_focal  RPN only, ``loss.rpn_classification=adaptive_focal`` (``rpn_only_no_abs.yaml``)
 focal           RPN only, ``focal`` (``focal.yaml``)
 ohem            RPN only, ``ohem`` (``ohem.yaml``)
@@ -57,6 +58,8 @@ class Variant:
       phase2: the phase-2 stage (``joint``, ``alternating``), None for an RPN-only model.
       paper: the paper's numbers.
       crop_scale: the training crop relative to the base config's (the crop row).
+      matched_steps: train as many steps in all as the suite's joint-trained variants do
+        (an RPN-only model has fewer training phases; :func:`matched_steps`).
       optional: run only when ``--variants`` names it (more training than the budget may allow).
     """
 
@@ -66,6 +69,7 @@ class Variant:
     phase2: str | None
     paper: PaperNumber
     crop_scale: float = 1.0
+    matched_steps: bool = False
     optional: bool = False
 
 
@@ -152,6 +156,16 @@ CROP = _fprn(
     optional=True,
 )
 
+# ours: the paper's RPN-only row trains fewer steps than 3D-AG (no phase 2), so "RPN only" vs
+# "3D-AG" mixes the FPRN's effect with training length; this row takes the length away.
+RPN_ONLY_STEPS = dataclasses.replace(
+    RPN_ONLY,
+    name="rpn_only_steps",
+    label="RPN only, as many steps as 3D-AG",
+    matched_steps=True,
+    optional=True,
+)
+
 
 def _loss(name: str, label: str, paper: PaperNumber) -> Variant:
     return Variant(name, label, (*NO_FPRN, f"loss.rpn_classification={name}"), None, paper)
@@ -162,7 +176,7 @@ SUITES = {
         "table3",
         "Table III: the FPRN branch",
         "3d_ag",
-        (RPN_ONLY, AG, AG_LM, NO_DA, ALTERNATING, CROP),
+        (RPN_ONLY, AG, AG_LM, NO_DA, ALTERNATING, CROP, RPN_ONLY_STEPS),
     ),
     "table2": Suite(
         "table2",
@@ -235,6 +249,22 @@ def scaled_crop(config: ExperimentConfig, scale: float) -> tuple[int, int, int]:
     )
 
 
+def _training_phases(stages) -> int:
+    return sum(s != "abs" for s in stages)
+
+
+def matched_steps(config: ExperimentConfig, stages) -> str:
+    """The override that gives a run of `stages` as many training steps in all as a
+    joint-trained variant of `config` gets: ``train.max_steps`` (``train.epochs`` when it is 0;
+    both are per phase) times the ratio of their training phases, e.g. 700 -> 1400 for an
+    RPN-only run (``rpn``) beside ``rpn,joint``."""
+    full = _training_phases(variant_stages(stages_from_config(config), "joint"))
+    ratio = full / _training_phases(stages)
+    if config.train.max_steps:
+        return f"train.max_steps={round(config.train.max_steps * ratio)}"
+    return f"train.epochs={round(config.train.epochs * ratio)}"
+
+
 def variant_overrides(variant: Variant, base: ExperimentConfig) -> list[str]:
     """The ``key=value`` overrides that make the `base` config into `variant`."""
     out = list(variant.settings)
@@ -243,4 +273,6 @@ def variant_overrides(variant: Variant, base: ExperimentConfig) -> list[str]:
     if variant.crop_scale != 1.0:
         crop = scaled_crop(base, variant.crop_scale)
         out.append(f"data.crop_size=[{','.join(map(str, crop))}]")
+    if variant.matched_steps:
+        out.append(matched_steps(base, stages))
     return out

@@ -83,7 +83,7 @@ def _uids_by_subset(cache: str) -> dict[int, list[str]]:
 
 def _claim_out(out: str, settings: dict) -> None:
     """Records the settings that shape OUT's data and model in OUT/demo_settings.json, or
-    refuses a folder that holds a demo run with other ones.
+    refuses a folder that holds a demo run with other ones (or files without that record).
 
     Both profiles give the same seriesuids for a seed, and the steps resume from what OUT holds
     (cached scans, checkpoints), so a re-run with other settings would mix the two runs.
@@ -103,6 +103,11 @@ def _claim_out(out: str, settings: dict) -> None:
                 "choose another --out or delete that folder"
             )
         return
+    if os.path.isdir(out) and os.listdir(out):
+        raise cli_exit.UsageError(
+            f"{out} holds files but no demo_settings.json (a run of an older demo, or not a "
+            "demo folder); choose another --out or delete that folder"
+        )
     os.makedirs(out, exist_ok=True)
     atomic_write_text(path, json.dumps(settings, indent=1) + "\n")
 

@@ -174,3 +174,9 @@ def test_demo_refuses_a_folder_of_a_run_with_other_settings(tmp_path):
     assert "profile: 'default' -> 'realistic'" in proc.stderr, proc.stderr
     assert "n_scans: 30 -> 50" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_settings.json"]
+    # A folder of the older demo (no settings record) is refused too.
+    (tmp_path / "demo_settings.json").unlink()
+    (tmp_path / "cache").mkdir()
+    proc = run_command("tf_agg3d.demo", "--out", tmp_path)
+    assert proc.returncode == 2 and "no demo_settings.json" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
